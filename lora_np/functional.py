@@ -1,0 +1,400 @@
+"""Pure forward/backward pairs: the whole of lora_np's math lives here.
+
+Every op is a pair, in the style of the CS231n layer files::
+
+    out, cache = op_forward(inputs...)
+    grads      = op_backward(dout, cache)
+
+* ``forward`` returns the output and a NamedTuple ``cache`` holding exactly what the backward
+  pass needs (so ``cache.H`` reads as the math reads).
+* ``backward`` takes ``dout = dL/dout`` (same shape as ``out``) and returns one gradient per
+  differentiable input, named ``d<input>``.
+* Pure: no globals, inputs are never changed in place.
+* ``x`` may have any number of leading dimensions (``N`` rows = their product).
+* dtype in = dtype out. Scalars are turned into the input's dtype before they touch an array,
+  because NumPy 2 promotes ``float32_array * np.float64(s)`` to float64.
+
+Notation (DESIGN.md): ``W`` (d_out, d_in), ``b`` (d_out,), ``A`` (r, d_in), ``B`` (d_out, r),
+``scale`` = s, ``G`` = dL/dY, ``H`` = X Aᵀ.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "linear_forward", "linear_backward",
+    "lora_linear_forward", "lora_linear_backward",
+    "relu_forward", "relu_backward", "gelu_forward", "gelu_backward",
+    "tanh_forward", "tanh_backward", "ACTIVATIONS",
+    "softmax_forward", "softmax_backward",
+    "attention_forward", "attention_backward",
+    "layer_norm_forward", "layer_norm_backward",
+    "mse_loss", "cross_entropy_loss",
+]
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """View ``a`` of shape (..., d) as a matrix (N, d), N = product of leading dims."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _as_scalar(value: float, dtype: np.dtype):
+    """``value`` as a NumPy scalar of ``dtype``, so it cannot promote a float32 array."""
+    return np.dtype(dtype).type(value)
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+class LinearCache(NamedTuple):
+    x: np.ndarray          # (..., d_in)
+    W: np.ndarray          # (d_out, d_in)
+    has_bias: bool
+
+
+def linear_forward(x, W, b=None):
+    """Affine map ``Y = X Wᵀ + b``.
+
+    Parameters
+    ----------
+    x : (..., d_in)
+    W : (d_out, d_in)   PyTorch ``nn.Linear`` layout
+    b : (d_out,) or None
+
+    Returns
+    -------
+    y : (..., d_out)
+    cache : LinearCache
+    """
+    y = x @ W.T                                   # (..., d_in) @ (d_in, d_out) -> (..., d_out)
+    if b is not None:
+        y += b                                    # y is a fresh array, so += is safe
+    return y, LinearCache(x, W, b is not None)
+
+
+def linear_backward(dy, cache: LinearCache):
+    """Gradients of ``Y = X Wᵀ + b`` with ``G = dL/dY`` of shape (..., d_out)::
+
+        dX = G W          (..., d_in)
+        dW = Gᵀ X         (d_out, d_in)   (sum over all N rows)
+        db = Σ_rows G     (d_out,)        (None when there is no bias)
+    """
+    x, W, has_bias = cache
+    dx = dy @ W                                   # (..., d_out) @ (d_out, d_in) -> (..., d_in)
+    G, X = _rows(dy), _rows(x)                    # (N, d_out), (N, d_in)
+    dW = G.T @ X                                  # (d_out, N) @ (N, d_in) -> (d_out, d_in)
+    db = G.sum(axis=0) if has_bias else None
+    return dx, dW, db
+
+
+# ------------------------------------------------------------------------ LoRA linear
+
+
+class LoRALinearCache(NamedTuple):
+    x: np.ndarray                  # (..., d_in) input
+    xd: np.ndarray                 # (..., d_in) input of the LoRA branch (x after dropout)
+    H: np.ndarray                  # (..., r)    H = xd Aᵀ
+    W: np.ndarray                  # (d_out, d_in)
+    A: np.ndarray                  # (r, d_in)
+    B: np.ndarray                  # (d_out, r)
+    scale: float
+    dropout_mask: np.ndarray | None
+
+
+def lora_linear_forward(x, W, b, A, B, scale, dropout_mask=None):
+    """LoRA linear layer: frozen ``W``, ``b`` plus a trainable low-rank branch.
+
+    ``Y = X Wᵀ + b + s · (X̃ Aᵀ) Bᵀ``  with  ``X̃ = X ⊙ mask`` (dropout on the LoRA branch only,
+    as loralib and PEFT do; ``mask`` already holds the 1/(1-p) rescaling) and ``s = scale``.
+
+    ``B @ A`` is never formed: the branch costs O(N r (d_in + d_out)) instead of O(N d_in d_out).
+
+    Parameters
+    ----------
+    x : (..., d_in)
+    W : (d_out, d_in) frozen;   b : (d_out,) or None, frozen
+    A : (r, d_in);   B : (d_out, r);   scale : float
+    dropout_mask : None or array broadcastable to x
+
+    Returns
+    -------
+    y : (..., d_out);   cache : LoRALinearCache
+    """
+    s = _as_scalar(scale, x.dtype)
+    xd = x if dropout_mask is None else x * dropout_mask.astype(x.dtype, copy=False)
+    H = xd @ A.T                                  # (..., d_in) @ (d_in, r) -> (..., r)
+    y = x @ W.T                                   # (..., d_out)  frozen path
+    if b is not None:
+        y += b
+    y += s * (H @ B.T)                            # (..., r) @ (r, d_out) -> (..., d_out)
+    return y, LoRALinearCache(x, xd, H, W, A, B, scale, dropout_mask)
+
+
+def lora_linear_backward(dy, cache: LoRALinearCache):
+    """Gradients of the LoRA layer, with ``G = dL/dY`` (..., d_out) and ``H = X̃ Aᵀ``::
+
+        dB = s Gᵀ H            (d_out, r)
+        dA = s (G B)ᵀ X̃        (r, d_in)
+        dX = G W + s ((G B) A) ⊙ mask     (..., d_in)
+
+    Equivalently ``dB = s (dL/dW) Aᵀ`` and ``dA = s Bᵀ (dL/dW)`` with ``dL/dW = Gᵀ X̃``: the
+    full-weight gradient projected onto the factors. That gradient is *not* formed here (the
+    frozen ``W`` needs no ``dW``), which is where LoRA saves backward compute.
+
+    Returns ``(dx, dA, dB)``.
+    """
+    x, xd, H, W, A, B, scale, mask = cache
+    s = _as_scalar(scale, dy.dtype)
+    GB = dy @ B                                   # (..., d_out) @ (d_out, r) -> (..., r)
+    G2, H2, GB2, Xd2 = _rows(dy), _rows(H), _rows(GB), _rows(xd)
+    dB = s * (G2.T @ H2)                          # (d_out, N) @ (N, r) -> (d_out, r)
+    dA = s * (GB2.T @ Xd2)                        # (r, N) @ (N, d_in) -> (r, d_in)
+    d_branch = s * (GB @ A)                       # (..., r) @ (r, d_in) -> (..., d_in)
+    if mask is not None:
+        d_branch *= mask.astype(dy.dtype, copy=False)
+    dx = dy @ W                                   # (..., d_in)
+    dx += d_branch
+    return dx, dA, dB
+
+
+# ------------------------------------------------------------------------ activations
+
+
+class ActivationCache(NamedTuple):
+    x: np.ndarray
+    y: np.ndarray
+
+
+def relu_forward(x):
+    """``y = max(x, 0)`` elementwise. Shapes: any -> same."""
+    y = np.maximum(x, 0)
+    return y, ActivationCache(x, y)
+
+
+def relu_backward(dy, cache: ActivationCache):
+    """``dx = dy ⊙ [x > 0]`` (the kink at 0 gets gradient 0)."""
+    return dy * (cache.x > 0)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x):
+    """GELU, tanh approximation (GPT-2; PyTorch ``approximate='tanh'``)::
+
+        u = √(2/π) (x + 0.044715 x³),   y = ½ x (1 + tanh u)
+    """
+    u = _GELU_C * (x + 0.044715 * x**3)
+    t = np.tanh(u)
+    y = 0.5 * x * (1.0 + t)
+    return y, GeluCache(x, t)
+
+
+class GeluCache(NamedTuple):
+    x: np.ndarray
+    t: np.ndarray      # tanh(u)
+
+
+def gelu_backward(dy, cache: GeluCache):
+    """``dy/dx = ½ (1 + t) + ½ x (1 − t²) √(2/π) (1 + 3·0.044715 x²)`` with ``t = tanh u``."""
+    x, t = cache
+    du_dx = _GELU_C * (1.0 + 3 * 0.044715 * x**2)
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
+
+
+def tanh_forward(x):
+    """``y = tanh x``."""
+    y = np.tanh(x)
+    return y, ActivationCache(x, y)
+
+
+def tanh_backward(dy, cache: ActivationCache):
+    """``dx = dy ⊙ (1 − y²)``."""
+    return dy * (1.0 - cache.y * cache.y)
+
+
+#: name -> (forward, backward), used by the modules to pick an activation by name
+ACTIVATIONS = {
+    "relu": (relu_forward, relu_backward),
+    "gelu": (gelu_forward, gelu_backward),
+    "tanh": (tanh_forward, tanh_backward),
+}
+
+
+# ---------------------------------------------------------------------------- softmax
+
+
+class SoftmaxCache(NamedTuple):
+    p: np.ndarray
+    axis: int
+
+
+def softmax_forward(x, axis=-1):
+    """Numerically stable softmax along ``axis``: ``p_i = exp(x_i − max x) / Σ_j exp(x_j − max x)``.
+
+    Subtracting the max changes nothing mathematically and keeps ``exp`` from overflowing.
+    Entries equal to ``-inf`` (masked) get probability 0.
+    """
+    z = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    p = e / e.sum(axis=axis, keepdims=True)
+    return p, SoftmaxCache(p, axis)
+
+
+def softmax_backward(dp, cache: SoftmaxCache):
+    """Jacobian-vector product of softmax: ``dx = p ⊙ (dp − Σ_j dp_j p_j)``."""
+    p, axis = cache
+    return p * (dp - (dp * p).sum(axis=axis, keepdims=True))
+
+
+# -------------------------------------------------------------------------- attention
+
+
+class AttentionCache(NamedTuple):
+    q: np.ndarray      # (..., T, d_head)
+    k: np.ndarray      # (..., T, d_head)
+    v: np.ndarray      # (..., T, d_head)
+    P: np.ndarray      # (..., T, T) attention probabilities
+    softmax: SoftmaxCache
+    scale: float
+
+
+def causal_mask(T: int) -> np.ndarray:
+    """Boolean (T, T) mask, True where query t may *not* look (keys after t)."""
+    return np.triu(np.ones((T, T), dtype=bool), k=1)
+
+
+def attention_forward(q, k, v, causal=False):
+    """Scaled dot-product attention core::
+
+        S = q kᵀ / √d_head        (..., T, T)
+        P = softmax(S)  (row-wise; with causal=True, S[t, u] = −∞ for u > t)
+        out = P v                 (..., T, d_head)
+
+    Parameters
+    ----------
+    q, k, v : (..., T, d_head)   leading dims are usually (batch, heads)
+    """
+    T, d_head = q.shape[-2], q.shape[-1]
+    c = 1.0 / math.sqrt(d_head)
+    S = (q @ np.swapaxes(k, -1, -2)) * _as_scalar(c, q.dtype)   # (..., T, d) @ (..., d, T) -> (..., T, T)
+    if causal:
+        S = np.where(causal_mask(T), _as_scalar(-np.inf, S.dtype), S)
+    P, sm_cache = softmax_forward(S, axis=-1)
+    out = P @ v                                   # (..., T, T) @ (..., T, d) -> (..., T, d)
+    return out, AttentionCache(q, k, v, P, sm_cache, c)
+
+
+def attention_backward(dout, cache: AttentionCache):
+    """Backward of the attention core. With ``dO = dL/dout``::
+
+        dP = dO vᵀ,   dV = Pᵀ dO,   dS = softmax_backward(dP),
+        dq = dS k / √d_head,   dk = dSᵀ q / √d_head
+
+    Masked entries have P = 0, so their dS is 0 automatically. Returns ``(dq, dk, dv)``.
+    """
+    q, k, v, P, sm_cache, c = cache
+    c = _as_scalar(c, dout.dtype)
+    dP = dout @ np.swapaxes(v, -1, -2)            # (..., T, d) @ (..., d, T) -> (..., T, T)
+    dv = np.swapaxes(P, -1, -2) @ dout            # (..., T, T) @ (..., T, d) -> (..., T, d)
+    dS = softmax_backward(dP, sm_cache)           # (..., T, T)
+    dq = (dS @ k) * c                             # (..., T, d)
+    dk = (np.swapaxes(dS, -1, -2) @ q) * c        # (..., T, d)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------- layer norm
+
+
+class LayerNormCache(NamedTuple):
+    xhat: np.ndarray       # (..., D) normalised input
+    rstd: np.ndarray       # (..., 1) 1 / sqrt(var + eps)
+    gamma: np.ndarray      # (D,)
+
+
+def layer_norm_forward(x, gamma, beta, eps=1e-5):
+    """Layer normalisation over the last dimension D::
+
+        μ = mean(x),  σ² = mean((x − μ)²),  x̂ = (x − μ) / √(σ² + ε),  y = γ ⊙ x̂ + β
+
+    x : (..., D);  gamma, beta : (D,)  ->  y : (..., D)
+    """
+    mu = x.mean(axis=-1, keepdims=True)
+    xc = x - mu
+    var = (xc * xc).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + _as_scalar(eps, x.dtype))
+    xhat = xc * rstd
+    y = xhat * gamma + beta
+    return y, LayerNormCache(xhat, rstd, gamma)
+
+
+def layer_norm_backward(dy, cache: LayerNormCache):
+    """Backward of layer norm (the fused form; D = last dim)::
+
+        dγ = Σ_rows dy ⊙ x̂,   dβ = Σ_rows dy,   g = dy ⊙ γ
+        dx = (1/σ̂) (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))
+
+    Returns ``(dx, dgamma, dbeta)``.
+    """
+    xhat, rstd, gamma = cache
+    g = dy * gamma
+    dx = rstd * (g - g.mean(axis=-1, keepdims=True)
+                 - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    dgamma = _rows(dy * xhat).sum(axis=0)
+    dbeta = _rows(dy).sum(axis=0)
+    return dx, dgamma, dbeta
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def mse_loss(pred, target):
+    """Mean squared error over every element and its gradient::
+
+        L = (1/M) Σ (pred − target)²,   dL/dpred = (2/M)(pred − target),  M = pred.size
+
+    Returns ``(loss, dpred)``; ``loss`` is a Python float.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"mse_loss: pred has shape {pred.shape} but target has shape {target.shape}; "
+                         "expected equal shapes")
+    diff = pred - target.astype(pred.dtype, copy=False)
+    M = diff.size
+    loss = float((diff * diff).sum() / M)
+    dpred = diff * _as_scalar(2.0 / M, pred.dtype)
+    return loss, dpred
+
+
+def cross_entropy_loss(logits, labels):
+    """Mean cross-entropy of integer ``labels`` under ``softmax(logits)``, numerically stable::
+
+        L = −(1/N) Σ_n log p[n, y_n],   p = softmax(logits),   dL/dlogits = (p − onehot(y)) / N
+
+    logits : (..., C);  labels : (...) integers in [0, C). Uses log-sum-exp, so huge logits
+    never overflow. Returns ``(loss, dlogits)``.
+    """
+    if logits.shape[:-1] != np.shape(labels):
+        raise ValueError(f"cross_entropy_loss: logits {logits.shape} need labels of shape "
+                         f"{logits.shape[:-1]}, got {np.shape(labels)}")
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"cross_entropy_loss: labels must be integers, got dtype {labels.dtype}")
+    C = logits.shape[-1]
+    if labels.size and (labels.min() < 0 or labels.max() >= C):
+        raise ValueError(f"cross_entropy_loss: labels must lie in [0, {C}), got range "
+                         f"[{labels.min()}, {labels.max()}]")
+    Z = _rows(logits)
+    y = labels.reshape(-1)
+    N = Z.shape[0]
+    z = Z - Z.max(axis=1, keepdims=True)
+    log_sum = np.log(np.exp(z).sum(axis=1))
+    log_p = z[np.arange(N), y] - log_sum
+    loss = float(-log_p.mean())
+    p = np.exp(z - log_sum[:, None])
+    p[np.arange(N), y] -= 1.0
+    dlogits = (p * _as_scalar(1.0 / N, logits.dtype)).reshape(logits.shape)
+    return loss, dlogits

@@ -1,0 +1,135 @@
+"""Optimizers that update a module's *trainable* parameters in place.
+
+``SGD`` and ``Adam`` (AdamW-style decoupled weight decay, Loshchilov & Hutter 2019,
+arXiv 1711.05101). Both take ``lr_multipliers``: a dict from a parameter's last name
+(``"B"``) or its full dotted name (``"attn.q_proj.B"``) to a factor on the learning rate —
+LoRA+ (Hayou et al. 2024, arXiv 2402.12354) is ``lr_multipliers={"B": 16}``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["Optimizer", "SGD", "Adam"]
+
+
+def _check_positive(name, value, allow_zero=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    ok = value >= 0 if allow_zero else value > 0
+    if not (math.isfinite(value) and ok):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return float(value)
+
+
+class Optimizer:
+    """Base class: holds the model, the trainable parameters at construction time, and the
+    per-parameter learning rates ``lr · multiplier``."""
+
+    def __init__(self, model, lr, lr_multipliers=None):
+        self.model = model
+        self.lr = _check_positive("lr", lr)
+        self.params = model.trainable_parameters()
+        if not self.params:
+            raise ValueError("optimizer: the model has no trainable parameters")
+        lr_multipliers = dict(lr_multipliers or {})
+        names = set(self.params) | {n.rsplit(".", 1)[-1] for n in self.params}
+        for key, value in lr_multipliers.items():
+            if key not in names:
+                raise ValueError(f"lr_multipliers: {key!r} names no trainable parameter; "
+                                 f"trainable names are {sorted(self.params)}")
+            _check_positive(f"lr_multipliers[{key!r}]", value)
+        self.lr_multipliers = lr_multipliers
+        self.t = 0
+
+    def multiplier(self, name: str) -> float:
+        """Learning-rate factor for parameter ``name`` (full name wins over last name)."""
+        if name in self.lr_multipliers:
+            return float(self.lr_multipliers[name])
+        return float(self.lr_multipliers.get(name.rsplit(".", 1)[-1], 1.0))
+
+    def _grads(self):
+        grads = self.model.gradients()
+        missing = [n for n in self.params if n not in grads]
+        if missing:
+            raise ValueError(f"optimizer: no gradient for {missing}; were parameters frozen or "
+                             "LoRA added after the optimizer was created?")
+        return grads
+
+    def zero_grad(self):
+        self.model.zero_grad()
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state (moments); 0 for plain SGD."""
+        return 0
+
+
+class SGD(Optimizer):
+    """``θ ← θ − lr · m_θ · g`` (plain gradient descent, optional momentum μ:
+    ``v ← μ v + g``, ``θ ← θ − lr · m_θ · v``)."""
+
+    def __init__(self, model, lr, momentum=0.0, lr_multipliers=None):
+        super().__init__(model, lr, lr_multipliers)
+        self.momentum = _check_positive("momentum", momentum, allow_zero=True)
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must be < 1, got {momentum}")
+        self.velocity = {n: np.zeros_like(p) for n, p in self.params.items()} if self.momentum else {}
+
+    def step(self):
+        grads = self._grads()
+        self.t += 1
+        for name, p in self.params.items():
+            g = grads[name]
+            if self.momentum:
+                v = self.velocity[name]
+                v *= p.dtype.type(self.momentum)
+                v += g
+                g = v
+            p -= p.dtype.type(self.lr * self.multiplier(name)) * g
+
+    def state_bytes(self) -> int:
+        return int(sum(v.nbytes for v in self.velocity.values()))
+
+
+class Adam(Optimizer):
+    """Adam with decoupled weight decay (AdamW when ``weight_decay > 0``)::
+
+        m ← β₁ m + (1 − β₁) g,        v ← β₂ v + (1 − β₂) g²
+        θ ← θ − lr·m_θ·λ θ − lr·m_θ · (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)
+    """
+
+    def __init__(self, model, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 lr_multipliers=None):
+        super().__init__(model, lr, lr_multipliers)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = _check_positive("eps", eps)
+        self.weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
+        self.m = {n: np.zeros_like(p) for n, p in self.params.items()}
+        self.v = {n: np.zeros_like(p) for n, p in self.params.items()}
+
+    def step(self):
+        grads = self._grads()
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1.0 - b1**self.t, 1.0 - b2**self.t
+        for name, p in self.params.items():
+            g, m, v = grads[name], self.m[name], self.v[name]
+            f = p.dtype.type                     # Python/NumPy scalars in p's dtype: no promotion
+            lr = self.lr * self.multiplier(name)
+            m *= f(b1)
+            m += f(1 - b1) * g
+            v *= f(b2)
+            v += f(1 - b2) * (g * g)
+            if self.weight_decay:
+                p *= f(1 - lr * self.weight_decay)
+            denom = np.sqrt(v)
+            denom *= f(1 / math.sqrt(bc2))
+            denom += f(self.eps)
+            p -= f(lr / bc1) * (m / denom)
+
+    def state_bytes(self) -> int:
+        return int(sum(a.nbytes for a in self.m.values()) + sum(a.nbytes for a in self.v.values()))
