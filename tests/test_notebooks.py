@@ -1,0 +1,127 @@
+"""Every notebook in ``notebooks/`` runs top to bottom, and is committed executed and clean.
+
+Two kinds of test:
+
+* ``test_notebook_executes`` runs each notebook (found by glob, so a new notebook is tested
+  as soon as it is added) in a fresh Jupyter kernel whose working directory is the notebook's
+  own folder — exactly what ``jupyter lab notebooks/`` does — and fails on the first cell that
+  raises. Each notebook's runtime is printed at the end of the module.
+* ``test_committed_notebook_is_executed_and_clean`` reads the committed file without running
+  it: every code cell has been executed, in order, there are outputs, no error outputs, and no
+  absolute path of the machine that executed it (so the notebooks read well on the web).
+
+Why nbclient: it is Jupyter's own notebook executor (the engine behind
+``jupyter nbconvert --execute``) and is installed with jupyter already, so it adds no
+dependency. nbmake would add a pytest plugin on top of the same engine for nothing we need
+here; a plain parametrized test keeps the behaviour visible in this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import re
+import time
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NB_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(p for p in NB_DIR.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+TIMEOUT_PER_CELL = 120          # seconds; a notebook should take well under 30 s in total
+
+# Absolute paths that must never appear in a committed notebook: the usual roots of this
+# kind of machine, plus the actual location of this checkout and the home directory.
+_FORBIDDEN = sorted({"/work/", "/root/", "/tmp/", "/home/", "/Users/",
+                     str(ROOT) + "/", str(pathlib.Path.home()) + "/"})
+
+_runtimes: dict[str, float] = {}
+
+
+def _id(path: pathlib.Path) -> str:
+    return str(path.relative_to(NB_DIR))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_runtimes(request):
+    """After the module: one line per executed notebook with its runtime."""
+    yield
+    if not _runtimes:
+        return
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    lines = [f"  {name:<50} {sec:6.1f} s" for name, sec in sorted(_runtimes.items())]
+    lines.append(f"  {'total':<50} {sum(_runtimes.values()):6.1f} s")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        reporter.write("\n")
+        reporter.write_line("notebook runtimes (kernel start to last cell):")
+        for line in lines:
+            reporter.write_line(line)
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, f"no notebooks found under {NB_DIR.name}/"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_id)
+def test_notebook_executes(path):
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=TIMEOUT_PER_CELL, kernel_name="python3",
+                                     resources={"metadata": {"path": str(path.parent)}})
+    start = time.perf_counter()
+    client.execute()                       # raises CellExecutionError on the first failing cell
+    _runtimes[_id(path)] = time.perf_counter() - start
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.output_type == "error"]
+    assert not errors, f"{_id(path)}: error outputs after execution: {errors[:1]}"
+
+
+def _texts(nb):
+    """Every piece of text a reader sees: cell sources and text outputs (images excluded,
+    since base64 data may contain any short string by chance)."""
+    for i, cell in enumerate(nb.cells):
+        yield f"cell {i} source", cell.source
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream":
+                yield f"cell {i} {out.name}", out.text
+            elif out.output_type in ("execute_result", "display_data"):
+                for mime, data in out.get("data", {}).items():
+                    if mime.startswith("text/") or mime.endswith("json"):
+                        yield f"cell {i} {mime}", data if isinstance(data, str) else json.dumps(data)
+            elif out.output_type == "error":
+                yield f"cell {i} error", "\n".join(out.traceback)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_id)
+def test_committed_notebook_is_executed_and_clean(path):
+    nb = nbformat.read(path, as_version=4)
+    name = _id(path)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code, f"{name}: no code cells"
+    empty = [i for i, c in enumerate(code) if not c.source.strip()]
+    assert not empty, f"{name}: empty code cells {empty} (remove them)"
+
+    counts = [c.execution_count for c in code]
+    assert None not in counts, f"{name}: code cell {counts.index(None)} was never executed; " \
+                               "commit the notebook executed"
+    assert counts == list(range(1, len(code) + 1)), \
+        f"{name}: execution counts {counts} are not 1..{len(code)}: run it top to bottom in a fresh kernel"
+    assert sum(len(c.outputs) for c in code) > 0, f"{name}: committed without outputs"
+
+    for c in code:
+        for out in c.outputs:
+            assert out.output_type != "error", \
+                f"{name}: committed with an error output: {out.ename}: {out.evalue}"
+            if out.output_type == "stream" and out.name == "stderr":
+                assert not re.search(r"Traceback|Warning", out.text), \
+                    f"{name}: a warning or traceback on stderr: {out.text[:200]!r}"
+
+    for where, text in _texts(nb):
+        for bad in _FORBIDDEN:
+            assert bad not in text, f"{name}: {where} contains the absolute path fragment {bad!r}"
