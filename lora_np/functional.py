@@ -34,6 +34,7 @@ __all__ = [
     "attention_forward", "attention_backward",
     "layer_norm_forward", "layer_norm_backward",
     "mse_loss", "cross_entropy_loss",
+    "dora_weight_norm", "dora_linear_forward", "dora_linear_backward",
 ]
 
 
@@ -398,3 +399,130 @@ def cross_entropy_loss(logits, labels):
     p[np.arange(N), y] -= 1.0
     dlogits = (p * _as_scalar(1.0 / N, logits.dtype)).reshape(logits.shape)
     return loss, dlogits
+
+
+# ------------------------------------------------------------------------------- DoRA
+#
+# DoRA (Liu et al. 2024, arXiv 2402.09353, eq. 5) splits the adapted weight into a magnitude
+# and a direction, per output row i in the (d_out, d_in) layout (as PEFT does):
+#
+#     V = W + s B A                   (d_out, d_in)  the LoRA-updated weight
+#     n_i = ‖V_i‖                     (d_out,)       row norms
+#     W'_i = m_i V_i / n_i            (d_out, d_in)  each row rescaled to length |m_i|
+#     Y = X W'ᵀ + b = c ⊙ (X Wᵀ + s (X̃ Aᵀ) Bᵀ) + b,   c = m / n   (d_out,)
+#
+# The X-path stays low-rank (no O(N d_in d_out) GEMM); only the norm needs V itself, which
+# costs O(r d_in d_out) once per step, independent of N — DoRA's price over LoRA.
+
+
+class DoRALinearCache(NamedTuple):
+    x: np.ndarray                  # (..., d_in)  input
+    xd: np.ndarray                 # (..., d_in)  input of the LoRA branch (x after dropout)
+    H: np.ndarray                  # (..., r)     H = X̃ Aᵀ
+    Z: np.ndarray                  # (..., d_out) Z = X Wᵀ + s H Bᵀ (un-normalised, no bias)
+    W: np.ndarray                  # (d_out, d_in)
+    A: np.ndarray                  # (r, d_in)
+    B: np.ndarray                  # (d_out, r)
+    m: np.ndarray                  # (d_out,)     magnitude
+    V: np.ndarray                  # (d_out, d_in) V = W + s B A
+    n: np.ndarray                  # (d_out,)     n_i = ‖V_i‖
+    scale: float
+    detach_norm: bool
+    dropout_mask: np.ndarray | None
+
+
+def dora_weight_norm(W, A, B, scale):
+    """Row norms of the LoRA-updated weight: ``n_i = ‖(W + s B A)_i‖``.
+
+    W : (d_out, d_in);  A : (r, d_in);  B : (d_out, r)  ->  (V (d_out, d_in), n (d_out,))
+
+    The one place DoRA forms ``B A`` (the norm needs every entry of V). ``DoRALinear``
+    initialises ``m`` with this very function, so at init ``m / n`` is exactly 1.
+    """
+    s = _as_scalar(scale, W.dtype)
+    V = W + s * (B @ A)                           # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+    n = np.sqrt((V * V).sum(axis=1))              # (d_out,)
+    return V, n
+
+
+def dora_linear_forward(x, W, b, A, B, m, scale, detach_norm=False, dropout_mask=None):
+    """DoRA linear layer: ``Y = c ⊙ (X Wᵀ + s (X̃ Aᵀ) Bᵀ) + b`` with ``c = m / ‖W + s B A‖_row``.
+
+    Equivalently ``Y = X W'ᵀ + b`` with ``W'_i = m_i (W + sBA)_i / ‖(W + sBA)_i‖``: row i of the
+    adapted weight has direction ``(W + sBA)_i`` and length ``|m_i|``. The bias is not rescaled
+    (as in PEFT). Dropout, if any, acts on the LoRA branch's input only.
+
+    Parameters
+    ----------
+    x : (..., d_in)
+    W : (d_out, d_in) frozen;   b : (d_out,) or None, frozen
+    A : (r, d_in);   B : (d_out, r);   m : (d_out,) magnitude;   scale : float (s)
+    detach_norm : bool
+        False: the exact gradient. True: the paper's cheaper variant (Liu et al. 2024, §4.3)
+        that treats ``n`` as a constant in the backward pass. The forward is the same.
+    dropout_mask : None or array broadcastable to x (holding the 1/(1-p) rescaling)
+
+    Returns
+    -------
+    y : (..., d_out);   cache : DoRALinearCache
+
+    Raises ValueError if a row of ``W + sBA`` is zero (its direction is undefined).
+    """
+    s = _as_scalar(scale, x.dtype)
+    V, n = dora_weight_norm(W, A, B, scale)
+    if np.any(n == 0):
+        raise ValueError(f"dora_linear_forward: rows {np.flatnonzero(n == 0).tolist()} of W + s·B@A "
+                         "are zero, so their direction (row / norm) is undefined")
+    xd = x if dropout_mask is None else x * dropout_mask.astype(x.dtype, copy=False)
+    H = xd @ A.T                                  # (..., d_in) @ (d_in, r) -> (..., r)
+    Z = x @ W.T                                   # (..., d_out) frozen path
+    Z += s * (H @ B.T)                            # (..., r) @ (r, d_out) -> (..., d_out)
+    y = Z * (m / n)                               # (..., d_out) * (d_out,): row i scaled by c_i
+    if b is not None:
+        y += b
+    return y, DoRALinearCache(x, xd, H, Z, W, A, B, m, V, n, scale, bool(detach_norm), dropout_mask)
+
+
+def dora_linear_backward(dy, cache: DoRALinearCache):
+    """Gradients of the DoRA layer, with ``G = dL/dY`` (..., d_out) and ``c = m / n``::
+
+        dm_i = Σ_rows G_i Z_i / n_i                       (d_out,)  same in both variants
+        G̃   = G ⊙ c                                       (..., d_out)
+        dB   = s G̃ᵀ H  +  s K A ᵀ                          (d_out, r)
+        dA   = s (G̃ B)ᵀ X̃  +  s Bᵀ K                        (r, d_in)
+        dX   = G̃ W + s ((G̃ B) A) ⊙ mask                    (..., d_in)  same in both variants
+
+    where ``K = diag(k) V`` (d_out, d_in), ``k_i = −m_i dm_i / n_i²``, is the gradient that
+    flows through the norm. With ``detach_norm=True`` the norm is a constant and the K terms
+    are dropped: the backward is then LoRA's backward with ``G`` replaced by ``G̃``.
+
+    Why (row i, with ``dL/dW'_i = g_i = Σ_rows G_i X_rowᵀ`` and ``v̂_i = V_i / n_i``)::
+
+        dL/dm_i = v̂_i · g_i,     dL/dV_i = (m_i / n_i) (I − v̂_i v̂_iᵀ) g_i     (exact)
+                                 dL/dV_i = (m_i / n_i) g_i                    (detached)
+
+    and ``dA = s Bᵀ dL/dV``, ``dB = s (dL/dV) Aᵀ`` (V depends on A, B only through s B A).
+    The exact direction gradient is projected orthogonally to V_i: moving V_i along itself
+    changes nothing, since W'_i only sees V_i's direction.
+
+    Returns ``(dx, dA, dB, dm)``.
+    """
+    x, xd, H, Z, W, A, B, m, V, n, scale, detach_norm, mask = cache
+    s = _as_scalar(scale, dy.dtype)
+    c = m / n                                     # (d_out,)
+    dm = (_rows(dy) * _rows(Z)).sum(axis=0) / n   # (N, d_out) -> (d_out,)
+    Gc = dy * c                                   # (..., d_out)  gradient w.r.t. Z
+    GcB = Gc @ B                                  # (..., d_out) @ (d_out, r) -> (..., r)
+    G2, H2, GcB2, Xd2 = _rows(Gc), _rows(H), _rows(GcB), _rows(xd)
+    dB = s * (G2.T @ H2)                          # (d_out, N) @ (N, r) -> (d_out, r)
+    dA = s * (GcB2.T @ Xd2)                       # (r, N) @ (N, d_in) -> (r, d_in)
+    if not detach_norm:
+        K = V * (-(m * dm) / (n * n))[:, None]    # (d_out, d_in) gradient through the norm
+        dB += s * (K @ A.T)                       # (d_out, d_in) @ (d_in, r) -> (d_out, r)
+        dA += s * (B.T @ K)                       # (r, d_out) @ (d_out, d_in) -> (r, d_in)
+    d_branch = s * (GcB @ A)                      # (..., r) @ (r, d_in) -> (..., d_in)
+    if mask is not None:
+        d_branch *= mask.astype(dy.dtype, copy=False)
+    dx = Gc @ W                                   # (..., d_in)
+    dx += d_branch
+    return dx, dA, dB, dm

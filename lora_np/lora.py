@@ -5,6 +5,11 @@
 * ``add_lora`` wraps chosen ``Linear`` children of any module tree and freezes the rest.
 * ``merge_lora`` / ``unmerge_lora`` fold ΔW into W for inference (no extra latency) and back.
 * ``save_adapter`` / ``load_adapter`` store only A, B and the config in an ``.npz`` (never pickled).
+
+Variants (notebook 07): ``rslora=True`` (s = α/√r, rsLoRA), ``init="pissa"`` (PiSSA: A, B from
+the top-r singular triplets of W, frozen W replaced by the residual), ``DoRALinear`` /
+``add_lora(..., use_dora=True)`` (DoRA: magnitude m times the direction of W + sBA). LoRA+ is
+an optimizer setting, ``lora_np.optim.loraplus_multipliers``.
 """
 
 from __future__ import annotations
@@ -19,17 +24,28 @@ import numpy as np
 from . import functional as F
 from .modules import Linear, Module, make_rng
 
-__all__ = ["LoRALinear", "add_lora", "merge_lora", "unmerge_lora", "save_adapter",
+__all__ = ["LoRALinear", "DoRALinear", "pissa_factors", "add_lora", "merge_lora", "unmerge_lora", "save_adapter",
            "load_adapter", "lora_layers", "lora_scale", "INIT_SCHEMES"]
 
-INIT_SCHEMES = ("kaiming", "gaussian")
+INIT_SCHEMES = ("kaiming", "gaussian", "pissa")
 ADAPTER_FORMAT = "lora_np-adapter"
 ADAPTER_VERSION = 1
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
     """The LoRA scale s: ``alpha / r`` (Hu et al. 2021) or ``alpha / sqrt(r)`` (rsLoRA,
-    Kalajdzievski 2023, arXiv 2312.03732)."""
+    Kalajdzievski 2023, arXiv 2312.03732). Raises TypeError/ValueError for an r that is not a
+    positive int, an alpha that is not a finite number > 0, or an rslora that is not a bool."""
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+        raise TypeError(f"r must be an int, got {r!r} ({type(r).__name__})")
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got r={r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
+        raise TypeError(f"alpha must be a number, got {alpha!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+    if not isinstance(rslora, (bool, np.bool_)):
+        raise TypeError(f"rslora must be True or False, got {rslora!r}")
     return float(alpha) / (math.sqrt(r) if rslora else r)
 
 
@@ -53,12 +69,36 @@ def _validate_lora_args(base, r, alpha, dropout, rslora, init):
         raise ValueError(f"init must be one of {INIT_SCHEMES}, got {init!r}")
 
 
+def pissa_factors(W, r, scale):
+    """PiSSA's A and B: the top-r singular triplets of W, split so that ``s·B A`` is W's best
+    rank-r approximation (Meng et al. 2024, arXiv 2404.02948, §3).
+
+    With the SVD ``W = U diag(σ) Vᵀ`` (σ sorted descending)::
+
+        B = U[:, :r] diag(√(σ_:r / s))      (d_out, r)
+        A = diag(√(σ_:r / s)) V[:, :r]ᵀ      (r, d_in)
+        s·B A = U_r diag(σ_:r) V_rᵀ          (the √σ split gives A and B the same scale)
+
+    The SVD runs in float64 whatever W's dtype (then A, B are cast to it): O(d_out d_in min(d_in, d_out)),
+    once. PEFT offers a randomized SVD for large W (``"pissa_niter_k"``); at lora_np's sizes the
+    exact SVD is instant.
+
+    Parameters: W (d_out, d_in); r int; scale s > 0.   Returns ``(A, B)``.
+    """
+    U, S, Vt = np.linalg.svd(np.asarray(W, dtype=np.float64), full_matrices=False)
+    root = np.sqrt(S[:r] / float(scale))          # (r,)
+    B = U[:, :r] * root                           # (d_out, r), column j scaled by √(σ_j/s)
+    A = root[:, None] * Vt[:r]                    # (r, d_in),  row j scaled by √(σ_j/s)
+    return A.astype(W.dtype), B.astype(W.dtype)
+
+
 class LoRALinear(Module):
     """A ``Linear`` with frozen ``W`` (d_out, d_in), ``b`` and a trainable update ``s·B A``.
 
     Parameters
     ----------
     base : Linear    the layer to adapt; its ``W`` and ``b`` arrays are shared, not copied
+                     (except W with ``init="pissa"``, see below)
     r : int          rank, 1 <= r <= min(d_in, d_out)
     alpha : float    > 0; the scale is ``s = alpha / r`` (or ``alpha / sqrt(r)`` with rslora)
     dropout : float  dropout probability on the LoRA branch's input (training mode only)
@@ -66,9 +106,19 @@ class LoRALinear(Module):
            PEFT's ``init_lora_weights="gaussian"``). B = 0 either way, so the adapted layer
            starts out *exactly* equal to the base layer — and A must not be zero, or no gradient
            would ever reach B (dB = s Gᵀ X Aᵀ).
+           "pissa" (Meng et al. 2024, arXiv 2404.02948; PEFT's ``init_lora_weights="pissa"``):
+           A, B from the top-r singular triplets of W (``pissa_factors``), so ``s·B A`` is the
+           best rank-r part of W, and the layer's frozen W becomes the residual
+           ``W_res = W − s·B A`` — a *copy*: ``base.W`` is left untouched, and this layer no
+           longer shares its W with ``base``. The output at init equals the base's up to
+           rounding. A PiSSA adapter only makes sense on top of that residual: a saved PiSSA
+           adapter loads only into a layer built with ``init="pissa"`` from the same W.
 
     Attributes: ``W``, ``b`` (frozen), ``A`` (r, d_in), ``B`` (d_out, r), ``scale``, ``merged``.
     """
+
+    #: the trainable arrays an adapter file stores (DoRALinear adds "m")
+    adapter_names = ("A", "B")
 
     def __init__(self, base, r, alpha, dropout=0.0, rslora=False, init="kaiming", rng=None):
         _validate_lora_args(base, r, alpha, dropout, rslora, init)
@@ -80,11 +130,20 @@ class LoRALinear(Module):
         self.scale = lora_scale(alpha, r, rslora)
         self.merged = False
         object.__setattr__(self, "_rng", rng)
-        self.add_parameter("W", base.W, trainable=False)
+        if init == "pissa":
+            # PiSSA: the principal part moves into s·B A, the frozen W keeps the residual. The
+            # residual is a NEW array: the caller's base.W is never changed.
+            A, B = pissa_factors(base.W, self.r, self.scale)
+            W = base.W - (B @ A) * self.dtype.type(self.scale)     # same formula as delta_weight
+        else:
+            A = self._init_A(rng).astype(self.dtype)
+            B = np.zeros((self.d_out, self.r), dtype=self.dtype)
+            W = base.W                                              # shared with base, not copied
+        self.add_parameter("W", W, trainable=False)
         if base.bias is not None:
             self.add_parameter("b", base.bias, trainable=False)
-        self.add_parameter("A", self._init_A(rng).astype(self.dtype))
-        self.add_parameter("B", np.zeros((self.d_out, self.r), dtype=self.dtype))
+        self.add_parameter("A", A)
+        self.add_parameter("B", B)
         self._store(None, ())
 
     def _init_A(self, rng):
@@ -109,13 +168,17 @@ class LoRALinear(Module):
             y, cache = F.linear_forward(x, self.W, self.bias)
             self._store(("merged", cache), y.shape)
             return y
-        mask = None
-        if self.training and self.dropout > 0:
-            keep = 1.0 - self.dropout
-            mask = (self._rng.random(x.shape) < keep).astype(self.dtype) / self.dtype.type(keep)
-        y, cache = F.lora_linear_forward(x, self.W, self.bias, self.A, self.B, self.scale, mask)
+        y, cache = F.lora_linear_forward(x, self.W, self.bias, self.A, self.B, self.scale,
+                                         self._dropout_mask(x))
         self._store(("lora", cache), y.shape)
         return y
+
+    def _dropout_mask(self, x):
+        """Inverted-dropout mask for the LoRA branch (None in eval mode or with dropout 0)."""
+        if not (self.training and self.dropout > 0):
+            return None
+        keep = 1.0 - self.dropout
+        return (self._rng.random(x.shape) < keep).astype(self.dtype) / self.dtype.type(keep)
 
     def backward(self, dout):
         (kind, cache), dout = self._check_backward(dout)
@@ -135,10 +198,12 @@ class LoRALinear(Module):
         if self.merged:
             warnings.warn("LoRALinear.merge: already merged; nothing to do", stacklevel=2)
             return self
-        new_W = self.W + self.delta_weight()
+        with np.errstate(over="ignore", invalid="ignore"):   # overflow is reported below, as an error
+            delta = self.delta_weight()
+            new_W = self.W + delta
         if not np.all(np.isfinite(new_W)):
-            raise ValueError("LoRALinear.merge: W + ΔW has non-finite entries "
-                             f"(max |ΔW| = {np.abs(self.delta_weight()).max()}); W left unchanged")
+            raise ValueError("LoRALinear.merge: expected W + ΔW to be finite, got non-finite entries "
+                             f"(max |ΔW| = {np.abs(delta).max()}); W left unchanged")
         self.W[...] = new_W
         self.merged = True
         return self
@@ -153,12 +218,129 @@ class LoRALinear(Module):
         return self
 
     def config(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "rslora": self.rslora, "d_in": self.d_in,
-                "d_out": self.d_out, "dropout": self.dropout, "init": self.init}
+        cfg = {"r": self.r, "alpha": self.alpha, "rslora": self.rslora, "d_in": self.d_in,
+               "d_out": self.d_out, "dropout": self.dropout, "init": self.init, "dora": False}
+        if self.init == "pissa":
+            # a PiSSA adapter belongs to its residual base: record ‖W_res‖_F to check on load
+            cfg["W_res_norm"] = float(np.linalg.norm(self.W))
+        return cfg
 
     def extra_repr(self):
         return (f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, alpha={self.alpha}, "
                 f"scale={self.scale:.4g}, merged={self.merged}")
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al. 2024, arXiv 2402.09353): magnitude times direction, per output row.
+
+    ``W'_i = m_i (W + s B A)_i / ‖(W + s B A)_i‖``,   ``Y = X W'ᵀ + b``
+
+    Parameters are LoRALinear's (``init="pissa"`` works too) plus
+
+    detach_norm : bool   False (default): exact gradient. True: the paper's cheaper backward
+                         (§4.3) that treats the norm as a constant; same forward, same dm,
+                         different dA and dB (see ``functional.dora_linear_backward``).
+
+    Attributes: LoRALinear's plus ``m`` (d_out,), trainable, initialised to the row norms of
+    ``W + s B A`` (= of W, since B = 0), so the layer starts out exactly equal to the base.
+    Norms are per *output row* of the (d_out, d_in) weight, as in PEFT (the paper writes
+    column norms of the transposed (d_in, d_out) matrix — the same numbers). Dropout, if any,
+    acts on the LoRA branch only.
+    """
+
+    adapter_names = ("A", "B", "m")
+
+    def __init__(self, base, r, alpha, dropout=0.0, rslora=False, init="kaiming", rng=None,
+                 detach_norm=False):
+        if not isinstance(detach_norm, (bool, np.bool_)):
+            raise TypeError(f"detach_norm must be True or False, got {detach_norm!r}")
+        if isinstance(base, Linear) and np.any(np.linalg.norm(base.W, axis=1) == 0):
+            raise ValueError("DoRALinear: W has all-zero rows "
+                             f"{np.flatnonzero(np.linalg.norm(base.W, axis=1) == 0).tolist()}; "
+                             "DoRA needs a direction W_i / ‖W_i‖ for every row")
+        super().__init__(base, r, alpha, dropout=dropout, rslora=rslora, init=init, rng=rng)
+        self.detach_norm = bool(detach_norm)
+        _, n = F.dora_weight_norm(self.W, self.A, self.B, self.scale)
+        self.add_parameter("m", n)                 # the very norm forward divides by: m/n = 1
+        object.__setattr__(self, "_merge_norm", None)
+
+    def forward(self, x):
+        x = self._check_input(x, self.d_in)
+        if self.merged:                      # W already holds W': one plain GEMM
+            y, cache = F.linear_forward(x, self.W, self.bias)
+            self._store(("merged", cache), y.shape)
+            return y
+        y, cache = F.dora_linear_forward(x, self.W, self.bias, self.A, self.B, self.m, self.scale,
+                                         self.detach_norm, self._dropout_mask(x))
+        self._store(("dora", cache), y.shape)
+        return y
+
+    def backward(self, dout):
+        (kind, cache), dout = self._check_backward(dout)
+        if kind == "merged":
+            raise ValueError("DoRALinear.backward: the layer is merged (W holds W'); "
+                             "call unmerge() before training")
+        dx, dA, dB, dm = F.dora_linear_backward(dout, cache)
+        self._accumulate("A", dA)
+        self._accumulate("B", dB)
+        self._accumulate("m", dm)
+        self._store(None, ())
+        return dx
+
+    def effective_weight(self) -> np.ndarray:
+        """``W' = diag(m / n) (W + s B A)`` of shape (d_out, d_in): the weight the layer applies."""
+        if self.merged:
+            return self.W.copy()
+        V, n = F.dora_weight_norm(self.W, self.A, self.B, self.scale)
+        return V * (self.m / n)[:, None]
+
+    def _unmerged_W(self) -> np.ndarray:
+        # W' = diag(m / n) (W₀ + sBA)  =>  W₀ = diag(n / m) W' − sBA, with n stored at merge time
+        return self.W * (self._merge_norm / self.m)[:, None] - (self.B @ self.A) * self.dtype.type(self.scale)
+
+    def delta_weight(self) -> np.ndarray:
+        """``W' − W₀`` (d_out, d_in): what ``merge`` adds to the frozen weight. Unlike LoRA's
+        ``s B A`` it is not low-rank in general (each row is also rescaled by m / n)."""
+        if self.merged:
+            return self.W - self._unmerged_W()
+        return self.effective_weight() - self.W
+
+    def merge(self) -> "DoRALinear":
+        """``W ← W' = diag(m / n) (W + s B A)`` in place, remembering ``n`` so that ``unmerge``
+        can undo it. Raises ValueError (W unchanged) if an entry of m is 0 (that row of W
+        would be erased for good) or if W' is not finite."""
+        if self.merged:
+            warnings.warn("DoRALinear.merge: already merged; nothing to do", stacklevel=2)
+            return self
+        if np.any(self.m == 0):
+            raise ValueError(f"DoRALinear.merge: m is 0 at rows {np.flatnonzero(self.m == 0).tolist()}; "
+                             "merging would erase those rows of W and unmerge could not restore "
+                             "them; W left unchanged")
+        V, n = F.dora_weight_norm(self.W, self.A, self.B, self.scale)
+        new_W = V * (self.m / n)[:, None]
+        if not np.all(np.isfinite(new_W)):
+            raise ValueError("DoRALinear.merge: W' has non-finite entries; W left unchanged")
+        self.W[...] = new_W
+        object.__setattr__(self, "_merge_norm", n)
+        self.merged = True
+        return self
+
+    def unmerge(self) -> "DoRALinear":
+        """``W ← diag(n / m) W' − s B A``: restores W₀ (up to rounding). No-op with a warning if
+        not merged."""
+        if not self.merged:
+            warnings.warn("DoRALinear.unmerge: not merged; nothing to do", stacklevel=2)
+            return self
+        self.W[...] = self._unmerged_W()
+        object.__setattr__(self, "_merge_norm", None)
+        self.merged = False
+        return self
+
+    def config(self) -> dict:
+        return {**super().config(), "dora": True, "detach_norm": self.detach_norm}
+
+    def extra_repr(self):
+        return super().extra_repr() + f", dora=True, detach_norm={self.detach_norm}"
 
 
 # ------------------------------------------------------------------------ model level
@@ -199,19 +381,32 @@ def _resolve_targets(model: Module, targets) -> dict[str, Module]:
     return chosen
 
 
-def add_lora(model: Module, targets, r: int, alpha: float, **lora_kwargs) -> Module:
+def add_lora(model: Module, targets, r: int, alpha: float, use_dora: bool = False,
+             **lora_kwargs) -> Module:
     """Wrap the named ``Linear`` layers of ``model`` in ``LoRALinear`` and freeze everything else.
 
     ``targets``: names like ``"q_proj"`` (matches every layer with that last name) or dotted
     paths like ``"attn.v_proj"``. ``lora_kwargs`` go to ``LoRALinear`` (dropout, rslora, init,
-    rng). Everything is checked before anything changes, so a bad call leaves ``model`` as it
+    rng). ``use_dora=True`` wraps in ``DoRALinear`` instead (which also takes ``detach_norm``).
+    Everything is checked before anything changes, so a bad call leaves ``model`` as it
     was. Returns ``model`` (changed in place).
     """
+    if not isinstance(use_dora, (bool, np.bool_)):
+        raise TypeError(f"add_lora: use_dora must be True or False, got {use_dora!r}")
+    if "detach_norm" in lora_kwargs and not use_dora:
+        raise TypeError("add_lora: detach_norm is a DoRA option; pass use_dora=True with it")
+    cls = DoRALinear if use_dora else LoRALinear
     chosen = _resolve_targets(model, targets)
     rng = make_rng(lora_kwargs.pop("rng", None))
     # build every wrapper first (this validates r, alpha, ...) and only then change the model
-    wrapped = {p: LoRALinear(m, r, alpha, rng=rng, **lora_kwargs) for p, m in chosen.items()}
-    model.freeze()
+    wrapped = {p: cls(m, r, alpha, rng=rng, **lora_kwargs) for p, m in chosen.items()}
+    # freeze everything else, but not the factors of adapters added by an earlier add_lora call
+    # (model.freeze() would silently stop training them)
+    for _, m in model.named_modules():
+        keep = m.adapter_names if isinstance(m, LoRALinear) else ()
+        for name in [n for n in m._params if n not in keep]:
+            m._frozen.add(name)
+            m._grads.pop(name, None)
     for path, layer in wrapped.items():
         parent_path, _, name = path.rpartition(".")
         parent = dict(model.named_modules())[parent_path]
@@ -223,7 +418,9 @@ def merge_lora(model: Module) -> Module:
     """Merge every LoRA layer of ``model`` (W ← W + ΔW). All-or-nothing on non-finite results."""
     layers = [m for m in lora_layers(model).values() if not m.merged]
     for m in layers:
-        if not np.all(np.isfinite(m.W + m.delta_weight())):
+        with np.errstate(over="ignore", invalid="ignore"):   # overflow is reported as a ValueError
+            finite = np.all(np.isfinite(m.W + m.delta_weight()))
+        if not finite:
             raise ValueError("merge_lora: merging would make W non-finite; model left unchanged")
     for m in layers:
         m.merge()
@@ -244,8 +441,12 @@ def unmerge_lora(model: Module) -> Module:
 def save_adapter(model: Module, path) -> None:
     """Save only the LoRA factors and their config to ``path`` (``.npz``).
 
-    Keys: ``"<layer>.A"``, ``"<layer>.B"`` and ``"__config__"`` (a JSON string stored as a
-    NumPy unicode array, so loading never needs pickle).
+    Keys: ``"<layer>.A"``, ``"<layer>.B"`` (and ``"<layer>.m"`` for DoRA layers) and
+    ``"__config__"`` (a JSON string stored as a NumPy unicode array, so loading never needs
+    pickle). For a PiSSA layer the frozen residual ``W_res`` is part of the model, not of the
+    adapter: the adapter applies only to a layer built with ``init="pissa"`` from the same W
+    (PEFT's documentation makes the same point and offers a conversion to a plain LoRA
+    adapter; lora_np records ``‖W_res‖_F`` in the config and checks it on load instead).
     """
     layers = lora_layers(model)
     if not layers:
@@ -256,7 +457,8 @@ def save_adapter(model: Module, path) -> None:
               "layers": {p: m.config() for p, m in layers.items()}}
     arrays = {"__config__": np.array(json.dumps(config, sort_keys=True))}
     for p, m in layers.items():
-        arrays[f"{p}.A"], arrays[f"{p}.B"] = m.A, m.B
+        for name in m.adapter_names:
+            arrays[f"{p}.{name}"] = getattr(m, name)
     np.savez(path, **arrays)
 
 
@@ -280,10 +482,11 @@ def _read_adapter(path):
 
 
 def load_adapter(model: Module, path) -> Module:
-    """Load A and B saved by ``save_adapter`` into ``model``'s LoRA layers (in place).
+    """Load A and B (and m for DoRA) saved by ``save_adapter`` into ``model``'s LoRA layers (in place).
 
-    The model must already have LoRA on the same layers with the same shapes, rank, alpha and
-    scaling; any mismatch raises ValueError naming the layer, and the model is left unchanged.
+    The model must already have LoRA on the same layers with the same shapes, rank, alpha,
+    scaling and kind (LoRA or DoRA; a PiSSA adapter needs a PiSSA layer with the same residual
+    W); any mismatch raises ValueError naming the layer, and the model is left unchanged.
     """
     config, arrays = _read_adapter(path)
     layers = lora_layers(model)
@@ -299,7 +502,21 @@ def load_adapter(model: Module, path) -> Module:
             if saved[p].get(key) != want[key]:
                 raise ValueError(f"load_adapter: layer {p!r} was saved with {key}={saved[p].get(key)!r}, "
                                  f"the model has {key}={want[key]!r}")
-        for name in ("A", "B"):
+        if bool(saved[p].get("dora", False)) != want["dora"]:
+            raise ValueError(f"load_adapter: layer {p!r} was saved with dora={saved[p].get('dora', False)!r}, "
+                             f"the model has dora={want['dora']!r} (add_lora(..., use_dora=...))")
+        if "pissa" in (saved[p].get("init"), want["init"]):
+            # a PiSSA adapter only applies on top of its residual base W_res = W − s·B₀A₀
+            if saved[p].get("init") != want["init"]:
+                raise ValueError(f"load_adapter: layer {p!r} was saved with init={saved[p].get('init')!r}, "
+                                 f"the model has init={want['init']!r}; a PiSSA adapter applies only "
+                                 "to the residual weight of a layer built with init='pissa'")
+            got, expect = want["W_res_norm"], saved[p].get("W_res_norm")
+            if not isinstance(expect, (int, float)) or abs(got - expect) > 1e-6 * max(abs(expect), 1e-30):
+                raise ValueError(f"load_adapter: layer {p!r}: the PiSSA adapter was trained on a residual "
+                                 f"weight with ‖W_res‖_F = {expect!r}, this model's is {got!r}; build the "
+                                 "model from the same base weights and r, alpha, rslora")
+        for name in m.adapter_names:
             key = f"{p}.{name}"
             target = getattr(m, name)
             if key not in arrays:
@@ -311,6 +528,6 @@ def load_adapter(model: Module, path) -> Module:
             if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
                 raise ValueError(f"load_adapter: {key} must hold finite floats, got dtype {a.dtype}")
     for p, m in layers.items():                      # everything checked: now write
-        m.A[...] = arrays[f"{p}.A"]
-        m.B[...] = arrays[f"{p}.B"]
+        for name in m.adapter_names:
+            getattr(m, name)[...] = arrays[f"{p}.{name}"]
     return model

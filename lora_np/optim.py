@@ -12,7 +12,20 @@ import math
 
 import numpy as np
 
-__all__ = ["Optimizer", "SGD", "Adam"]
+__all__ = ["Optimizer", "SGD", "Adam", "loraplus_multipliers"]
+
+
+def loraplus_multipliers(ratio: float = 16.0) -> dict[str, float]:
+    """LoRA+ (Hayou et al. 2024, arXiv 2402.12354): B learns ``ratio`` = λ times faster than A.
+
+    Returns ``{"B": λ}`` for the ``lr_multipliers`` argument of ``SGD``/``Adam``:
+    ``Adam(model, lr, lr_multipliers=loraplus_multipliers(16))`` gives A the rate ``lr`` and B
+    ``16 · lr``. λ = 2⁴ = 16 is the starting value the LoRA+ authors recommend (arXiv 2402.12354;
+    they stress the best λ depends on model and task); λ = 1 is plain LoRA.
+    DoRA's magnitude ``m`` keeps the base rate. Raises TypeError for a non-number and
+    ValueError unless λ is finite and > 0 (λ < 1 is allowed, though the paper argues λ ≫ 1).
+    """
+    return {"B": _check_positive("LoRA+ ratio λ", ratio)}
 
 
 def _check_positive(name, value, allow_zero=False):
