@@ -171,7 +171,9 @@ class Module:
             raise ValueError(f"{type(self).__name__}.backward called before forward: "
                              "run forward(x) first (each backward consumes one forward)")
         out_shape = self.__dict__["_out_shape"]
-        dout = np.asarray(dout)
+        # in this module's dtype, as forward does with x: a float64 dout must not turn a float32
+        # model's dx and intermediate gradients into float64
+        dout = np.asarray(dout, dtype=getattr(self, "dtype", None))
         if dout.shape != out_shape:
             raise ValueError(f"{type(self).__name__}.backward: upstream gradient must have the "
                              f"output's shape {out_shape}, got {dout.shape}")

@@ -1,0 +1,346 @@
+"""Tests for lora_np.modules (full fine-tuning): gradient checks of every module, the attention
+key bias's structural zero gradient, causality, the parameter/gradient API, float32 end to end,
+and bad input (one test per case; the object is left unchanged)."""
+
+import numpy as np
+import pytest
+from conftest import Snapshot, assert_module_grads, randomize
+
+from lora_np import SGD, Adam, LayerNorm, Linear, MLP, MultiHeadAttention, TransformerBlock
+
+# ---------------------------------------------------------------------------------------------
+# gradient checks, full fine-tuning (every parameter trainable)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x_shape", [(4, 6), (2, 3, 6), (1, 6)], ids=["2d", "3d", "batch1"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_linear_gradcheck(rng, x_shape, bias):
+    layer = randomize(Linear(6, 5, bias=bias, rng=rng), rng)
+    assert_module_grads(layer, rng.standard_normal(x_shape), expect={"W", "b", "x"} if bias else {"W", "x"})
+
+
+@pytest.mark.parametrize("x_shape", [(4, 6), (2, 3, 6), (1, 6)], ids=["2d", "3d", "batch1"])
+def test_layer_norm_gradcheck(rng, x_shape):
+    ln = randomize(LayerNorm(6), rng)
+    assert_module_grads(ln, 2.0 * rng.standard_normal(x_shape) + 0.5, expect={"gamma", "beta", "x"})
+
+
+MLP_NAMES = {"fc1.W", "fc1.b", "fc2.W", "fc2.b", "x"}
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+@pytest.mark.parametrize("x_shape", [(4, 5), (2, 3, 5), (1, 5)], ids=["2d", "3d", "batch1"])
+def test_mlp_gradcheck(rng, activation, x_shape):
+    mlp = randomize(MLP(5, 7, 4, activation=activation, rng=rng), rng)
+    x = rng.standard_normal(x_shape)
+    if activation == "relu":      # stay away from relu's kink: no pre-activation within 1e-4 of 0
+        assert np.abs(mlp.fc1(x)).min() > 1e-4
+    assert_module_grads(mlp, x, expect=MLP_NAMES)
+
+
+MHA_NAMES = {f"{p}.{n}" for p in ("q_proj", "k_proj", "v_proj", "o_proj") for n in ("W", "b")} | {"x"}
+
+
+@pytest.mark.parametrize("n_heads", [1, 2, 4])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("x_shape", [(2, 4, 8), (1, 3, 8)], ids=["batch2", "batch1"])
+def test_multi_head_attention_gradcheck(rng, n_heads, causal, x_shape):
+    mha = randomize(MultiHeadAttention(8, n_heads, causal=causal, rng=rng), rng)
+    assert_module_grads(mha, rng.standard_normal(x_shape), expect=MHA_NAMES)
+
+
+BLOCK_NAMES = ({f"attn.{n}" for n in MHA_NAMES - {"x"}} | {"ln1.gamma", "ln1.beta", "ln2.gamma", "ln2.beta"}
+               | {f"mlp.{n}" for n in MLP_NAMES - {"x"}} | {"x"})
+
+
+@pytest.mark.parametrize("causal, activation, x_shape", [
+    (True, "gelu", (2, 3, 8)), (True, "tanh", (1, 4, 8)),
+    (False, "gelu", (1, 4, 8)), (False, "tanh", (2, 3, 8)),
+], ids=["causal-gelu-batch2", "causal-tanh-batch1", "noncausal-gelu-batch1", "noncausal-tanh-batch2"])
+def test_transformer_block_gradcheck(rng, causal, activation, x_shape):
+    blk = randomize(TransformerBlock(8, 2, 12, causal=causal, activation=activation, rng=rng), rng)
+    assert_module_grads(blk, rng.standard_normal(x_shape), expect=BLOCK_NAMES)
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention key bias: its true gradient is zero for every input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_key_bias_gradient_is_structurally_zero(rng, causal):
+    mha = randomize(MultiHeadAttention(8, 2, causal=causal, rng=rng), rng)
+    assert mha.known_zero_gradients() == {"k_proj.b"}
+    x = rng.standard_normal((2, 4, 8))
+    y = mha(x)
+    mha.zero_grad()
+    mha.backward(rng.standard_normal(y.shape))
+    g = mha.gradients()
+    # q·b_k is added to a whole row of scores and softmax ignores that: dL/db_k = 0 ...
+    assert np.linalg.norm(g["k_proj.b"]) <= 1e-12 * np.linalg.norm(g["k_proj.W"])
+    assert np.linalg.norm(g["k_proj.W"]) > 0 and np.linalg.norm(g["q_proj.b"]) > 0
+    # ... and the output does not depend on b_k at all
+    mha.k_proj.b[...] += 5.0 * rng.standard_normal(8)
+    y2 = mha(x)
+    np.testing.assert_allclose(y2, y, rtol=1e-12, atol=1e-12)
+    # the checker marks that row "(=0)" and checks both gradients are zero instead
+    rows = {r.name: r for r in assert_module_grads(mha, x)}
+    assert "k_proj.b (=0)" in rows and rows["k_proj.b (=0)"].passed
+    assert rows["k_proj.b (=0)"].grad_norm <= 1e-12
+
+
+def test_transformer_block_names_its_key_bias():
+    assert TransformerBlock(8, 2, 12).known_zero_gradients() == {"attn.k_proj.b"}
+
+
+# ---------------------------------------------------------------------------------------------
+# causality at module level
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mha", "block"])
+@pytest.mark.parametrize("future", [1, 3])
+def test_causal_module_does_not_look_ahead(rng, kind, future):
+    model = (MultiHeadAttention(8, 2, causal=True, rng=rng) if kind == "mha"
+             else randomize(TransformerBlock(8, 2, 12, causal=True, rng=rng), rng))
+    x = rng.standard_normal((2, 5, 8))
+    y = model(x)
+    x2 = x.copy()
+    x2[:, future] += 3.0 * rng.standard_normal((2, 8))
+    y2 = model(x2)
+    np.testing.assert_allclose(y2[:, :future], y[:, :future], rtol=1e-14, atol=1e-14)
+    assert not np.allclose(y2[:, future], y[:, future])
+    # a non-causal model with the same weights does see the future
+    model_nc = (MultiHeadAttention(8, 2, causal=False, rng=np.random.default_rng(1)) if kind == "mha"
+                else TransformerBlock(8, 2, 12, causal=False, rng=np.random.default_rng(1)))
+    assert not np.allclose(model_nc(x2)[:, :future], model_nc(x)[:, :future])
+
+
+def test_heads_split_the_last_dim_contiguously(rng):
+    """One head = plain attention on the first d_head columns: compare with a hand computation."""
+    mha = MultiHeadAttention(4, 2, rng=rng)
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(mha, p).W[...] = np.eye(4)
+    x = rng.standard_normal((1, 3, 4))
+    y = mha(x)
+    for h in range(2):
+        xs = x[0, :, 2 * h:2 * h + 2]                      # head h sees columns 2h, 2h+1
+        S = xs @ xs.T / np.sqrt(2)
+        P = np.exp(S - S.max(axis=1, keepdims=True))
+        P /= P.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(y[0, :, 2 * h:2 * h + 2], P @ xs, rtol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------
+# the parameter / gradient API
+# ---------------------------------------------------------------------------------------------
+
+
+def test_block_parameter_names_and_full_fine_tuning():
+    blk = TransformerBlock(8, 2, 12)
+    names = BLOCK_NAMES - {"x"}
+    assert set(blk.parameters()) == names
+    assert set(blk.trainable_parameters()) == names           # full fine-tuning by default
+    assert set(blk.gradients()) == names
+    assert blk.num_parameters() == 4 * (8 * 8 + 8) + 4 * 8 + (8 * 12 + 12) + (12 * 8 + 8)
+
+
+def test_gradients_accumulate_and_zero_grad_resets(rng):
+    mlp = MLP(3, 4, 2, rng=rng)
+    x, d = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    mlp(x)
+    mlp.backward(d)
+    once = {n: g.copy() for n, g in mlp.gradients().items()}
+    mlp(x)
+    mlp.backward(d)
+    for n, g in mlp.gradients().items():
+        np.testing.assert_allclose(g, 2 * once[n], rtol=1e-15)
+    mlp.zero_grad()
+    assert all(np.all(g == 0) for g in mlp.gradients().values())
+
+
+def test_parameters_are_the_live_arrays(rng):
+    lin = Linear(3, 2, rng=rng)
+    lin.parameters()["W"][0, 0] = 42.0
+    assert lin.W[0, 0] == 42.0
+    with pytest.raises(AttributeError, match="in place"):
+        lin.W = np.zeros((2, 3))
+
+
+def test_freeze_and_unfreeze(rng):
+    mlp = MLP(3, 4, 2, rng=rng)
+    mlp.freeze()
+    assert mlp.trainable_parameters() == {} and mlp.gradients() == {}
+    x = rng.standard_normal((2, 3))
+    mlp(x)
+    dx = mlp.backward(np.ones((2, 2)))          # dx still flows through frozen layers
+    assert np.linalg.norm(dx) > 0
+    mlp.unfreeze()
+    assert set(mlp.trainable_parameters()) == MLP_NAMES - {"x"}
+
+
+def test_seeded_construction_is_reproducible():
+    a, b = TransformerBlock(8, 2, 12, rng=3), TransformerBlock(8, 2, 12, rng=np.random.default_rng(3))
+    for n, p in a.parameters().items():
+        np.testing.assert_array_equal(p, b.parameters()[n])
+    c, d = MLP(3, 4, 2), MLP(3, 4, 2)          # rng=None is seed 0: reproducible too
+    np.testing.assert_array_equal(c.fc1.W, d.fc1.W)
+
+
+@pytest.mark.parametrize("make", [lambda: Linear(4, 3), lambda: LayerNorm(4), lambda: MLP(4, 5, 3),
+                                  lambda: MultiHeadAttention(4, 2), lambda: TransformerBlock(4, 2, 6)],
+                         ids=["Linear", "LayerNorm", "MLP", "MHA", "Block"])
+def test_float64_is_the_default(make):
+    m = make()
+    assert all(p.dtype == np.float64 for p in m.parameters().values())
+    x = np.ones((1, 2, 4), dtype=np.float32)
+    assert m(x).dtype == np.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# float32 stays float32: outputs, every gradient, parameters after optimizer steps
+# ---------------------------------------------------------------------------------------------
+
+F32_MODELS = {
+    "Linear": lambda: Linear(8, 8, rng=0, dtype=np.float32),
+    "LayerNorm": lambda: LayerNorm(8, dtype=np.float32),
+    "MLP": lambda: MLP(8, 12, 8, rng=0, dtype=np.float32),
+    "MHA": lambda: MultiHeadAttention(8, 2, causal=True, rng=0, dtype=np.float32),
+    "Block": lambda: TransformerBlock(8, 2, 12, causal=True, rng=0, dtype=np.float32),
+}
+
+
+@pytest.mark.parametrize("name", list(F32_MODELS))
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_float32_model_stays_float32(name, opt):
+    model = F32_MODELS[name]()
+    rng = np.random.default_rng(0)
+    mult = {sorted(model.trainable_parameters())[0]: 2.0}
+    optim = (Adam(model, lr=1e-2, weight_decay=0.1, lr_multipliers=mult) if opt == "adam"
+             else SGD(model, lr=1e-2, momentum=0.9))
+    for _ in range(3):
+        x = rng.standard_normal((2, 3, 8))            # float64 input: cast to the model's dtype
+        y = model(x)
+        assert y.dtype == np.float32
+        optim.zero_grad()
+        dx = model.backward(rng.standard_normal(y.shape))   # float64 upstream gradient too
+        assert dx.dtype == np.float32
+        for n, g in model.gradients().items():
+            assert g.dtype == np.float32, n
+        optim.step()
+        for n, p in model.parameters().items():
+            assert p.dtype == np.float32, n
+    state = optim.m | optim.v if opt == "adam" else optim.velocity
+    assert state and all(a.dtype == np.float32 for a in state.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one test per case; the right exception, a message naming expected and got, and
+# the object left exactly as it was
+# ---------------------------------------------------------------------------------------------
+
+MODELS_3D = {
+    "Linear": lambda: Linear(8, 6, rng=0),
+    "LayerNorm": lambda: LayerNorm(8),
+    "MLP": lambda: MLP(8, 12, 6, rng=0),
+    "MHA": lambda: MultiHeadAttention(8, 2, rng=0),
+    "Block": lambda: TransformerBlock(8, 2, 12, rng=0),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS_3D))
+def test_wrong_input_width_raises(name):
+    model = MODELS_3D[name]()
+    good = np.ones((2, 3, 8))
+    y = model(good)                                  # a stored forward state that must survive
+    snap = Snapshot(model)
+    with pytest.raises(ValueError, match=r"8.*got.*\(2, 3, 7\)"):
+        model(np.ones((2, 3, 7)))
+    snap.assert_unchanged()
+    model.backward(np.ones_like(y))                   # the earlier forward is still usable
+
+
+@pytest.mark.parametrize("name", ["MHA", "Block"])
+@pytest.mark.parametrize("shape", [(3, 8), (2, 2, 3, 8)], ids=["2d", "4d"])
+def test_attention_input_not_3d_raises(name, shape):
+    model = MODELS_3D[name]()
+    snap = Snapshot(model)
+    with pytest.raises(ValueError, match=r"\(batch, seq, d_model=8\).*got.*" + str(shape).replace("(", r"\(").replace(")", r"\)")):
+        model(np.ones(shape))
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("make", [lambda rng: MultiHeadAttention(10, 3, rng=rng),
+                                  lambda rng: TransformerBlock(10, 3, 12, rng=rng)], ids=["MHA", "Block"])
+def test_d_model_not_divisible_by_n_heads_raises(make):
+    rng = np.random.default_rng(5)
+    state = rng.bit_generator.state
+    with pytest.raises(ValueError, match="divisible by n_heads.*d_model=10, n_heads=3"):
+        make(rng)
+    assert rng.bit_generator.state == state          # nothing drawn from the caller's generator
+
+
+@pytest.mark.parametrize("name", list(MODELS_3D))
+def test_backward_before_forward_raises(name):
+    model = MODELS_3D[name]()
+    snap = Snapshot(model)
+    with pytest.raises(ValueError, match="backward called before forward.*forward\\(x\\) first"):
+        model.backward(np.ones((2, 3, 6 if name in ("Linear", "MLP") else 8)))
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("name", list(MODELS_3D))
+def test_second_backward_without_forward_raises(name):
+    model = MODELS_3D[name]()
+    y = model(np.ones((2, 3, 8)))
+    model.backward(np.ones_like(y))
+    snap = Snapshot(model)
+    with pytest.raises(ValueError, match="before forward"):
+        model.backward(np.ones_like(y))
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("name", list(MODELS_3D))
+def test_upstream_gradient_of_wrong_shape_raises(name):
+    model = MODELS_3D[name]()
+    y = model(np.ones((2, 3, 8)))
+    snap = Snapshot(model)
+    bad = y.shape[:-1] + (y.shape[-1] + 1,)
+    with pytest.raises(ValueError, match=(r"shape \(2, 3, %d\), got \(2, 3, %d\)" % (y.shape[-1], bad[-1]))):
+        model.backward(np.ones(bad))
+    snap.assert_unchanged()
+    model.backward(np.ones_like(y))                   # the forward state survived
+
+
+def test_integer_input_raises_type_error():
+    lin = Linear(3, 2)
+    snap = Snapshot(lin)
+    with pytest.raises(TypeError, match="float array, got dtype int64"):
+        lin(np.ones((2, 3), dtype=np.int64))
+    snap.assert_unchanged()
+
+
+def test_unknown_activation_raises():
+    with pytest.raises(ValueError, match=r"\['gelu', 'relu', 'tanh'\], got 'swish'"):
+        MLP(3, 4, 2, activation="swish")
+
+
+@pytest.mark.parametrize("args, exc, pattern", [
+    ((0, 3), ValueError, "d_in must be >= 1, got 0"),
+    ((3.0, 3), TypeError, r"d_in must be an int, got 3\.0"),
+    ((3, True), TypeError, "d_out must be an int, got True"),
+], ids=["zero", "float", "bool"])
+def test_bad_linear_dims_raise(args, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        Linear(*args)
+
+
+def test_bad_dtype_raises():
+    with pytest.raises(TypeError, match="float32 or float64, got int32"):
+        Linear(3, 2, dtype=np.int32)
+
+
+def test_bad_rng_raises():
+    with pytest.raises(TypeError, match="Generator, an int seed or None, got str"):
+        Linear(3, 2, rng="seed")
