@@ -33,6 +33,15 @@ def _figure(nrows=1, ncols=1, figsize=(9, 5.5), **kw):
     return fig, fig.subplots(nrows, ncols, **kw)
 
 
+def _suptitle(fig, text):
+    """Lay out the axes, leaving room at the top for a figure title if there is one."""
+    if text:
+        fig.suptitle(text, fontsize=17)
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
+    else:
+        fig.tight_layout()
+
+
 def _finish(fig, path):
     """Save ``fig`` to ``path`` (creating the folder) if a path is given; return ``fig``."""
     if path is not None:
@@ -66,25 +75,24 @@ def plot_images(images, titles, suptitle=None, ncols=None, path=None):
     nrows = -(-len(images) // ncols)
     vmin, vmax = float(images[0].min()), float(images[0].max())
     with plt.rc_context(TEACHING_STYLE):
-        fig, axes = _figure(nrows, ncols, figsize=(3.6 * ncols, 4.4 * nrows + 0.6),
+        fig, axes = _figure(nrows, ncols, figsize=(3.6 * ncols, 4.6 * nrows + 0.8),
                                  squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for ax, im, title in zip(axes.flat, images, titles):
             ax.imshow(im, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
             ax.set_title(title, fontsize=13)
-        if suptitle:
-            fig.suptitle(suptitle, fontsize=17)
-        fig.tight_layout()
+        _suptitle(fig, suptitle)
     return _finish(fig, path)
 
 
-def plot_eckart_young(sigma, ranks, measured, path=None):
+def plot_eckart_young(sigma, ranks, measured, name="the matrix", path=None):
     """Left: singular values σ_i of a matrix M (log scale). Right: the relative error of the
     best rank-r approximation, ‖M − M_r‖_F / ‖M‖_F, as predicted by Eckart–Young,
     √(Σ_{i>r} σ_i²) / √(Σ σ_i²) (line), and as measured (dots, one per entry of ``ranks``).
 
-    sigma : (p,) singular values, descending;  ranks : (m,) ints;  measured : (m,) errors
+    sigma : (p,) singular values, descending;  ranks : (m,) ints;  measured : (m,) errors;
+    name : what the matrix is, for the left panel's title
     """
     sigma = _check_1d_positive("sigma", sigma)
     ranks, measured = np.asarray(ranks), _check_1d_positive("measured", measured)
@@ -96,7 +104,7 @@ def plot_eckart_young(sigma, ranks, measured, path=None):
     with plt.rc_context(TEACHING_STYLE):
         fig, (ax1, ax2) = _figure(1, 2, figsize=(13, 4.8))
         ax1.semilogy(np.arange(1, sigma.size + 1), sigma, color="C0")
-        ax1.set(xlabel="index i", ylabel="singular value σᵢ", title="Spectrum of the photograph")
+        ax1.set(xlabel="index i", ylabel="singular value σᵢ", title=f"Singular values of {name}")
         ax2.plot(r_all, predicted, color="C0", label="Eckart–Young: √(Σ_{i>r} σᵢ²) / ‖M‖_F")
         ax2.plot(ranks, measured, "o", color="C3", markersize=9, label="measured ‖M − M_r‖_F / ‖M‖_F")
         ax2.set_xscale("symlog", linthresh=1)
@@ -172,9 +180,7 @@ def plot_heatmaps(matrices, suptitle=None, path=None, cmap="RdBu_r"):
             ax.set_title(title)
             ax.grid(False)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        if suptitle:
-            fig.suptitle(suptitle, fontsize=17)
-        fig.tight_layout()
+        _suptitle(fig, suptitle)
     return _finish(fig, path)
 
 

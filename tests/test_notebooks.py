@@ -56,8 +56,8 @@ def _report_runtimes(request):
     reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
     if reporter is None:
         return
-    lines = [f"  {name:<50} {sec:6.1f} s" for name, sec in sorted(_runtimes.items())]
-    lines.append(f"  {'total':<50} {sum(_runtimes.values()):6.1f} s")
+    lines = [f"  {name:<52} {sec:6.1f} s" for name, sec in sorted(_runtimes.items())]
+    lines.append(f"  {'total':<52} {sum(_runtimes.values()):6.1f} s")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         reporter.write("\n")
         reporter.write_line("notebook runtimes (kernel start to last cell):")
