@@ -459,7 +459,8 @@ def save_adapter(model: Module, path) -> None:
     for p, m in layers.items():
         for name in m.adapter_names:
             arrays[f"{p}.{name}"] = getattr(m, name)
-    np.savez(path, **arrays)
+    with open(path, "wb") as fh:        # exactly ``path``: np.savez(str) would append ".npz",
+        np.savez(fh, **arrays)          # and load_adapter(path) would then not find the file
 
 
 def _read_adapter(path):
