@@ -403,7 +403,7 @@ def cross_entropy_loss(logits, labels):
 
 # ------------------------------------------------------------------------------- DoRA
 #
-# DoRA (Liu et al. 2024, arXiv 2402.09353, eq. 5) splits the adapted weight into a magnitude
+# DoRA (Liu et al. 2024, arXiv 2402.09353, §4, eq. 5) splits the adapted weight into a magnitude
 # and a direction, per output row i in the (d_out, d_in) layout (as PEFT does):
 #
 #     V = W + s B A                   (d_out, d_in)  the LoRA-updated weight
@@ -458,8 +458,9 @@ def dora_linear_forward(x, W, b, A, B, m, scale, detach_norm=False, dropout_mask
     W : (d_out, d_in) frozen;   b : (d_out,) or None, frozen
     A : (r, d_in);   B : (d_out, r);   m : (d_out,) magnitude;   scale : float (s)
     detach_norm : bool
-        False: the exact gradient. True: the paper's cheaper variant (Liu et al. 2024, §4.3)
-        that treats ``n`` as a constant in the backward pass. The forward is the same.
+        False: the exact gradient. True: the paper's cheaper variant (Liu et al. 2024, §4.3;
+        the only one PEFT implements) that treats ``n`` as a constant in the backward pass.
+        The forward is the same.
     dropout_mask : None or array broadcastable to x (holding the 1/(1-p) rescaling)
 
     Returns

@@ -71,7 +71,7 @@ def _validate_lora_args(base, r, alpha, dropout, rslora, init):
 
 def pissa_factors(W, r, scale):
     """PiSSA's A and B: the top-r singular triplets of W, split so that ``s·B A`` is W's best
-    rank-r approximation (Meng et al. 2024, arXiv 2404.02948, §3).
+    rank-r approximation (Meng et al. 2024, arXiv 2404.02948, method section).
 
     With the SVD ``W = U diag(σ) Vᵀ`` (σ sorted descending)::
 
@@ -284,6 +284,14 @@ class DoRALinear(LoRALinear):
         self._accumulate("A", dA)
         self._accumulate("B", dB)
         self._accumulate("m", dm)
+        if "W" in self._grads or "b" in self._grads:   # unfreeze()d: W, b train too
+            # V = W + sBA, so dL/dW = dL/dV = G̃ᵀ X (+ K, the norm term, unless detached)
+            G = dout.reshape(-1, self.d_out)
+            dW = (G * (cache.m / cache.n)).T @ cache.x.reshape(-1, self.d_in)
+            if not cache.detach_norm:
+                dW += cache.V * (-(cache.m * dm) / (cache.n * cache.n))[:, None]
+            self._accumulate("W", dW)
+            self._accumulate("b", G.sum(axis=0))
         self._store(None, ())
         return dx
 

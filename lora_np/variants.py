@@ -16,7 +16,7 @@ could reach, so a plateau can be told apart from slow learning.
 
 Experiments (papers cited where the claim comes from):
 
-* ``first_update_size``  — rsLoRA (Kalajdzievski 2023, arXiv 2312.03732, §3): one SGD step from
+* ``first_update_size``  — rsLoRA (Kalajdzievski 2023, arXiv 2312.03732): one SGD step from
   B = 0 changes the output by ``η s² ‖A x‖² ‖g‖`` = Θ(s² r): Θ(1/r) for s = α/r, Θ(1) for s = α/√r.
 * ``rank_scaling_curves`` — loss curves across ranks under both scalings.
 * ``loraplus_sweep``      — LoRA+ (Hayou et al. 2024, arXiv 2402.12354): λ = lr_B / lr_A ∈ {1, 4, 16}

@@ -329,3 +329,15 @@ def test_lora_layers_still_finds_plain_lora():
         warnings.simplefilter("error")
         merge_lora(mlp)
         unmerge_lora(mlp)
+
+
+def test_unfrozen_dora_layer_trains_W_and_b_too():
+    """After unfreeze() (full fine-tuning on top of DoRA) W and b get their true gradients:
+    dL/dW = dL/dV, since V = W + sBA."""
+    rng = np.random.default_rng(8)
+    base = Linear(6, 5, rng=rng)
+    base.b[...] = 0.1 * rng.standard_normal(5)
+    layer = DoRALinear(base, r=2, alpha=3.0, rng=rng)
+    _randomize(layer, rng)
+    layer.unfreeze()
+    assert_module_grads(layer, rng.standard_normal((4, 6)), expect={"W", "b", "A", "B", "m", "x"})
