@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import re
 import time
@@ -40,6 +41,20 @@ _FORBIDDEN = sorted({"/work/", "/root/", "/tmp/", "/home/", "/Users/",
                      str(ROOT) + "/", str(pathlib.Path.home()) + "/"})
 
 _runtimes: dict[str, float] = {}
+
+
+def _kernel_env() -> dict:
+    """The kernel's environment: ours, with one BLAS thread unless the caller chose otherwise.
+
+    The notebooks multiply small matrices, for which extra BLAS threads only add overhead; on
+    a busy 2-core machine OpenBLAS's spinning threads made one notebook cell 50x slower
+    (7 s instead of 0.15 s). One thread also keeps the summation order, and so every printed
+    digit, the same from run to run. An explicit OPENBLAS_NUM_THREADS etc. is respected.
+    """
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")
+    return env
 
 
 def _id(path: pathlib.Path) -> str:
@@ -75,7 +90,7 @@ def test_notebook_executes(path):
     client = nbclient.NotebookClient(nb, timeout=TIMEOUT_PER_CELL, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
-    client.execute()                       # raises CellExecutionError on the first failing cell
+    client.execute(env=_kernel_env())      # raises CellExecutionError on the first failing cell
     _runtimes[_id(path)] = time.perf_counter() - start
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.output_type == "error"]
