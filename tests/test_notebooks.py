@@ -5,7 +5,10 @@ Two kinds of test:
 * ``test_notebook_executes`` runs each notebook (found by glob, so a new notebook is tested
   as soon as it is added) in a fresh Jupyter kernel whose working directory is the notebook's
   own folder — exactly what ``jupyter lab notebooks/`` does — and fails on the first cell that
-  raises. Each notebook's runtime is printed at the end of the module.
+  raises. Each notebook's runtime is printed at the end of the module. The worked solutions in
+  ``notebooks/solutions/`` are executed too: they take a few seconds each, and a solution
+  that no longer runs is a wrong solution. Running a notebook rewrites its figures under
+  ``figures/`` (byte for byte the same: the figures carry no timestamps).
 * ``test_committed_notebook_is_executed_and_clean`` reads the committed file without running
   it: every code cell has been executed, in order, there are outputs, no error outputs, and no
   absolute path of the machine that executed it (so the notebooks read well on the web).
