@@ -24,8 +24,8 @@ import numpy as np
 from . import functional as F
 from .modules import Linear, Module, make_rng
 
-__all__ = ["LoRALinear", "DoRALinear", "pissa_factors", "add_lora", "merge_lora", "unmerge_lora", "save_adapter",
-           "load_adapter", "lora_layers", "lora_scale", "INIT_SCHEMES"]
+__all__ = ["LoRALinear", "DoRALinear", "pissa_factors", "add_lora", "merge_lora", "unmerge_lora",
+           "save_adapter", "load_adapter", "lora_layers", "lora_scale", "INIT_SCHEMES"]
 
 INIT_SCHEMES = ("kaiming", "gaussian", "pissa")
 ADAPTER_FORMAT = "lora_np-adapter"
@@ -512,8 +512,9 @@ def load_adapter(model: Module, path) -> Module:
                 raise ValueError(f"load_adapter: layer {p!r} was saved with {key}={saved[p].get(key)!r}, "
                                  f"the model has {key}={want[key]!r}")
         if bool(saved[p].get("dora", False)) != want["dora"]:
-            raise ValueError(f"load_adapter: layer {p!r} was saved with dora={saved[p].get('dora', False)!r}, "
-                             f"the model has dora={want['dora']!r} (add_lora(..., use_dora=...))")
+            raise ValueError(f"load_adapter: layer {p!r} was saved with "
+                             f"dora={saved[p].get('dora', False)!r}, the model has "
+                             f"dora={want['dora']!r} (add_lora(..., use_dora=...))")
         if "pissa" in (saved[p].get("init"), want["init"]):
             # a PiSSA adapter only applies on top of its residual base W_res = W − s·B₀A₀
             if saved[p].get("init") != want["init"]:

@@ -59,8 +59,9 @@ def plot_first_update_size(result, path=None):
             jitter = np.exp(0.08 * rng.standard_normal(sizes.shape))
             ax.scatter((result.ranks[:, None] * jitter).ravel(), sizes.ravel(), s=10, alpha=0.25,
                        color=color)
+            slope = round(result.slope(label), 2) + 0.0            # + 0.0: no "-0.00"
             ax.loglog(result.ranks, result.mean(label), "o-", color=color,
-                      label=f"s = {label}: mean over examples (slope {round(result.slope(label), 2) + 0:.2f})")
+                      label=f"s = {label}: mean over examples (slope {slope:.2f})")
             ax.loglog(result.ranks, result.predicted[label], "--", color=color, linewidth=1.6,
                       label=f"s = {label}: theory s²·r·‖x‖²/(3 d_in)")
         ax.set_xticks(result.ranks, [str(r) for r in result.ranks])
@@ -68,7 +69,8 @@ def plot_first_update_size(result, path=None):
         ax.set_xlabel("rank r")
         ax.set_ylabel("‖Δy‖ / (η ‖∂L/∂y‖)  (output change per unit step)")
         ax.legend(loc="lower left")
-        return _finish(fig, path, title=f"First SGD step from B = 0 (α = {result.alpha:g}, d_in = {result.d_in})")
+        title = f"First SGD step from B = 0 (α = {result.alpha:g}, d_in = {result.d_in})"
+        return _finish(fig, path, title=title)
 
 
 def plot_rank_scaling(result, path=None):

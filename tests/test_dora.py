@@ -118,7 +118,8 @@ def test_exact_and_detached_same_output_and_dm_different_dA_dB():
     np.testing.assert_array_equal(g_exact["x"], g_det["x"])
     for name in ("A", "B"):
         diff = rel_error(g_exact[name], g_det[name])
-        assert diff > 1e-3, f"exact and detached d{name} agree (rel diff {diff:.1e}); the norm term is missing"
+        assert diff > 1e-3, \
+            f"exact and detached d{name} agree (rel diff {diff:.1e}); the norm term is missing"
     # the detached backward is LoRA's backward with G replaced by G ⊙ (m / n)
     _, n = F.dora_weight_norm(p["W"], p["A"], p["B"], p["scale"])
     _, cache = F.lora_linear_forward(p["x"], p["W"], p["b"], p["A"], p["B"], p["scale"])

@@ -223,7 +223,8 @@ def test_plots_return_figures_and_save(tmp_path):
     figs = {
         "first": P.plot_first_update_size(V.first_update_size(ranks=(1, 4), n_examples=4, d=16)),
         "rank": P.plot_rank_scaling(V.rank_scaling_curves(ranks=(2, 4), steps=5, d=8, n=16)),
-        "plus": P.plot_loraplus(V.loraplus_sweep(ratios=(1, 4), lrs=(1e-3, 1e-2), steps=5, d=8, n=16), step=5),
+        "plus": P.plot_loraplus(V.loraplus_sweep(ratios=(1, 4), lrs=(1e-3, 1e-2), steps=5, d=8, n=16),
+                                step=5),
         "pissa": P.plot_pissa(V.pissa_vs_default(steps=5, d=8, n=16)),
         "dora": P.plot_dora(V.dora_curves(steps=5, d=8, n=16), path=tmp_path / "sub" / "dora.png"),
     }
