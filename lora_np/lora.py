@@ -430,6 +430,9 @@ def merge_lora(model: Module) -> Module:
             finite = np.all(np.isfinite(m.W + m.delta_weight()))
         if not finite:
             raise ValueError("merge_lora: merging would make W non-finite; model left unchanged")
+        if isinstance(m, DoRALinear) and np.any(m.m == 0):     # DoRALinear.merge would refuse
+            raise ValueError("merge_lora: a DoRA layer has a zero magnitude m_i, so its merge could "
+                             "not be undone; model left unchanged")
     for m in layers:
         m.merge()
     return model

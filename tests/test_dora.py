@@ -342,3 +342,13 @@ def test_unfrozen_dora_layer_trains_W_and_b_too():
     _randomize(layer, rng)
     layer.unfreeze()
     assert_module_grads(layer, rng.standard_normal((4, 6)), expect={"W", "b", "A", "B", "m", "x"})
+
+
+def test_merge_lora_is_all_or_nothing_with_a_zero_magnitude():
+    mlp = add_lora(MLP(4, 5, 3, rng=0), ["fc1", "fc2"], r=1, alpha=2.0, use_dora=True)
+    mlp.fc2.m[0] = 0.0
+    snap = Snapshot(mlp)
+    with pytest.raises(ValueError, match="zero magnitude"):
+        merge_lora(mlp)
+    assert not mlp.fc1.merged and not mlp.fc2.merged
+    snap.assert_unchanged()
