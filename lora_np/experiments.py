@@ -1,0 +1,348 @@
+"""Full fine-tuning against LoRA at every rank, on a task whose true update ΔW* has rank k.
+
+``rank_sweep`` (MLP task) and ``attention_sweep`` (one attention layer) build a task
+(``lora_np.tasks``), fine-tune a fresh copy of its pretrained model once with every parameter
+trainable (full FT) and once per rank r with LoRA on the chosen layers (default: the layers
+task B shifts), all through the same loop (``lora_np.train.train``) on the same mini-batches,
+and return plain dataclasses holding what each run measured.
+
+What is measured, per method (``MethodResult``):
+
+* ``trainable_params`` — counted from the model's trainable arrays;
+* ``loss_history`` / ``val_history`` / ``final_val_loss`` — task B;
+* ``old_task_loss`` — task A, i.e. forgetting (0 for the pretrained model);
+* ``delta_weights`` — ΔW of each shifted layer: ``W_after − W_before`` for full FT,
+  ``s·B A`` for LoRA (zeros for a shifted layer LoRA does not adapt);
+* ``seconds_per_step`` — wall time per training step;
+* ``state_bytes`` — training state measured from the arrays: trainable parameters +
+  their gradients + the optimizer's state (Adam's m and v),
+  ``Σ p.nbytes + Σ g.nbytes + optimizer.state_bytes()``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from .analysis import left_subspace_similarity, singular_values
+from .counting import lora_params, state_ratio
+from .lora import add_lora, lora_layers
+from .modules import Linear
+from .tasks import Task, attention_task, mlp_task
+from .train import TrainHistory, train
+
+__all__ = ["MethodResult", "SweepResult", "SweepSettings", "full_finetune", "lora_finetune",
+           "sweep", "rank_sweep", "attention_sweep", "format_table", "measured_state_bytes",
+           "lora_formula_params", "Claim", "check_claims", "format_claims",
+           "DEFAULT_RANKS", "QUICK_RANKS"]
+
+DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
+QUICK_RANKS = (1, 2, 4, 8, 64)
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Training settings shared by every run of a sweep.
+
+    steps, batch_size, schedule : see ``lora_np.train.train`` (Adam, cosine decay)
+    lr_full : peak learning rate of full fine-tuning
+    lr_lora : peak learning rate of LoRA
+    alpha : LoRA's α; None means α = r, i.e. scale s = α/r = 1 at every rank
+    seed : seed of the mini-batch order (the same batches for every method) and of LoRA's A init
+    """
+    steps: int = 600
+    batch_size: int | None = 256
+    lr_full: float = 1e-2
+    lr_lora: float = 1e-2
+    alpha: float | None = None
+    schedule: str = "cosine"
+    seed: int = 0
+
+
+@dataclass
+class MethodResult:
+    """What one fine-tuning run measured (see the module docstring).
+
+    method : "full" or "lora";  rank : r (None for full FT);  targets : layers LoRA adapts
+    (for full FT: every layer). ``delta_weights`` maps each of ``task.delta_true``'s keys to
+    ΔW (d_out, d_in); ``lora_factors`` maps each LoRA layer to (A (r, d_in), B (d_out, r)).
+    """
+    method: str
+    rank: int | None
+    targets: tuple
+    trainable_params: int
+    loss_history: list
+    val_history: list
+    final_val_loss: float
+    old_task_loss: float
+    delta_weights: dict
+    seconds_per_step: float
+    state_bytes: int
+    lora_factors: dict = field(default_factory=dict)
+    scale: float | None = None
+
+    @property
+    def label(self) -> str:
+        return "full FT" if self.method == "full" else f"LoRA r={self.rank}"
+
+
+@dataclass
+class SweepResult:
+    """Full fine-tuning and LoRA at each rank on one task.
+
+    task : Task;  initial_val_loss : L₀, the pretrained model's validation loss on task B;
+    full : MethodResult;  lora : dict r -> MethodResult;  settings : SweepSettings;
+    seconds : wall time of the whole sweep.
+    """
+    task: Task
+    initial_val_loss: float
+    full: MethodResult
+    lora: dict
+    settings: SweepSettings
+    seconds: float = 0.0
+
+    @property
+    def ranks(self) -> list:
+        return sorted(self.lora)
+
+    def methods(self) -> list:
+        """Full FT first, then LoRA by increasing rank."""
+        return [self.full] + [self.lora[r] for r in self.ranks]
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def measured_state_bytes(model, optimizer) -> int:
+    """Training state held in memory, measured from the arrays themselves::
+
+        Σ_trainable p.nbytes + Σ g.nbytes + optimizer.state_bytes()
+
+    (parameters that train, their gradients, and the optimizer's moments — Adam keeps m and v,
+    one array each per trainable parameter). Frozen weights are left out: both methods hold
+    them identically.
+    """
+    params = model.trainable_parameters()
+    grads = model.gradients()
+    return int(sum(p.nbytes for p in params.values()) + sum(grads[n].nbytes for n in params)
+               + optimizer.state_bytes())
+
+
+def _run(task: Task, model, method, rank, targets, lr, settings, verbose, scale=None) -> MethodResult:
+    before = {name: task.layer(model, name).W.copy() for name in task.delta_true}
+    hist: TrainHistory = train(model, task.x_train, task.y_train, steps=settings.steps, lr=lr,
+                               batch_size=settings.batch_size, schedule=settings.schedule,
+                               x_val=task.x_val, y_val=task.y_val,
+                               rng=np.random.default_rng([settings.seed, 1]), verbose=verbose,
+                               label=("full FT    " if method == "full" else f"LoRA r={rank:<4}"))
+    loras = lora_layers(model)
+    delta = {}
+    for name in task.delta_true:
+        if name in loras:
+            delta[name] = loras[name].delta_weight()
+        else:
+            delta[name] = task.layer(model, name).W - before[name]
+    model.eval()
+    return MethodResult(
+        method=method, rank=rank, targets=tuple(targets),
+        trainable_params=model.num_parameters(trainable_only=True),
+        loss_history=hist.loss_history, val_history=hist.val_history,
+        final_val_loss=hist.final_val_loss, old_task_loss=task.old_task_loss(model),
+        delta_weights=delta, seconds_per_step=hist.seconds_per_step,
+        state_bytes=measured_state_bytes(model, hist.optimizer),
+        lora_factors={p: (m.A.copy(), m.B.copy()) for p, m in loras.items()}, scale=scale)
+
+
+def full_finetune(task: Task, settings: SweepSettings = SweepSettings(), verbose: bool = False) -> MethodResult:
+    """Fine-tune a copy of ``task.pretrained`` with every parameter trainable (Adam)."""
+    model = task.new_model()
+    names = tuple(p for p, m in model.named_modules() if isinstance(m, Linear))
+    return _run(task, model, "full", None, names, settings.lr_full, settings, verbose)
+
+
+def lora_finetune(task: Task, r: int, targets=None, settings: SweepSettings = SweepSettings(),
+                  verbose: bool = False) -> MethodResult:
+    """Fine-tune a copy of ``task.pretrained`` with LoRA of rank ``r`` on ``targets``
+    (default: ``task.shifted``), everything else frozen.
+
+    α = ``settings.alpha`` (None: α = r, so s = 1). A is drawn from
+    ``default_rng([settings.seed, 2, r])``; B starts at 0, so training starts from exactly the
+    pretrained model.
+    """
+    targets = tuple(task.shifted if targets is None else ((targets,) if isinstance(targets, str) else targets))
+    alpha = float(r) if settings.alpha is None else settings.alpha
+    model = add_lora(task.new_model(), targets, r=r, alpha=alpha,
+                     rng=np.random.default_rng([settings.seed, 2, int(r)]))
+    scale = next(iter(lora_layers(model).values())).scale
+    return _run(task, model, "lora", int(r), targets, settings.lr_lora, settings, verbose, scale)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def _check_ranks(ranks, task, targets):
+    ranks = tuple(ranks)
+    if not ranks:
+        raise ValueError("ranks must list at least one rank")
+    for r in ranks:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+            raise ValueError(f"ranks must be ints >= 1, got {r!r} in {ranks}")
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"ranks must be distinct, got {ranks}")
+    model = task.pretrained
+    for name in targets:
+        lay = task.layer(model, name)
+        if max(ranks) > min(lay.d_in, lay.d_out):
+            raise ValueError(f"rank {max(ranks)} is larger than min(d_in, d_out) = "
+                             f"{min(lay.d_in, lay.d_out)} of layer {name!r}")
+    return tuple(sorted(int(r) for r in ranks))
+
+
+def sweep(task: Task, ranks=DEFAULT_RANKS, targets=None, settings: SweepSettings = SweepSettings(),
+          verbose: bool = False) -> SweepResult:
+    """Full FT and LoRA at each rank in ``ranks`` on ``task`` (LoRA on ``targets``, default
+    ``task.shifted``). Every run starts from its own copy of the pretrained model and sees the
+    same mini-batches."""
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a lora_np.tasks.Task, got {type(task).__name__}")
+    if not isinstance(settings, SweepSettings):
+        raise TypeError(f"settings must be a SweepSettings, got {type(settings).__name__}")
+    targets = tuple(task.shifted if targets is None else ((targets,) if isinstance(targets, str) else targets))
+    ranks = _check_ranks(ranks, task, targets)
+    t0 = time.perf_counter()
+    initial = task.val_loss(task.pretrained)
+    full = full_finetune(task, settings, verbose)
+    lora = {r: lora_finetune(task, r, targets, settings, verbose) for r in ranks}
+    return SweepResult(task, initial, full, lora, settings, time.perf_counter() - t0)
+
+
+def rank_sweep(ranks=DEFAULT_RANKS, true_rank: int = 4, seed: int = 0, *, targets=None,
+               settings: SweepSettings | None = None, verbose: bool = False, **task_kwargs) -> SweepResult:
+    """The default experiment: the MLP task of ``tasks.mlp_task(seed, true_rank, **task_kwargs)``
+    (ΔW* on fc1), full FT against LoRA at each rank (on fc1 unless ``targets`` says otherwise).
+
+    ``settings`` defaults to ``SweepSettings(seed=seed)``: 600 Adam steps of 256 rows, cosine
+    decay from lr 1e-2, α = r.
+    """
+    task = mlp_task(seed, true_rank, **task_kwargs)
+    return sweep(task, ranks, targets, settings or SweepSettings(seed=seed), verbose)
+
+
+def attention_sweep(ranks=DEFAULT_RANKS, true_rank: int = 4, seed: int = 0, *, targets=None,
+                    settings: SweepSettings | None = None, verbose: bool = False, **task_kwargs) -> SweepResult:
+    """The same comparison on one multi-head attention layer (``tasks.attention_task``).
+
+    ``task_kwargs["shifted"]`` chooses the projections task B shifts (default q_proj and
+    v_proj); ``targets`` the ones LoRA adapts (default: the shifted ones), e.g.
+    ``targets=("q_proj", "k_proj", "v_proj", "o_proj")``. Default settings: 600 Adam steps of
+    64 sequences, lr 1e-2.
+    """
+    task = attention_task(seed, true_rank, **task_kwargs)
+    return sweep(task, ranks, targets, settings or SweepSettings(seed=seed, batch_size=64), verbose)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def lora_formula_params(task: Task, r: int, targets) -> int:
+    """``Σ_targets r·(d_in + d_out)`` (``counting.lora_params``) for ``task``'s model."""
+    return sum(lora_params(task.layer(task.pretrained, t).d_in, task.layer(task.pretrained, t).d_out, r)
+               for t in targets)
+
+
+def format_table(result: SweepResult) -> str:
+    """The sweep as a plain-text table, one row per method: trainable parameters (and % of
+    full FT's), final validation loss (and ÷ L₀), old-task loss, ms/step, training state."""
+    n_full = result.full.trainable_params
+    L0 = result.initial_val_loss
+    header = ("method", "trainable", "% of full", "val loss", "÷ L₀", "old-task loss", "ms/step",
+              "state bytes")
+    rows = []
+    for m in result.methods():
+        rows.append((m.label, f"{m.trainable_params:,}", f"{100 * m.trainable_params / n_full:.1f}%",
+                     f"{m.final_val_loss:.3e}", f"{m.final_val_loss / L0:.4f}",
+                     f"{m.old_task_loss:.2e}", f"{1e3 * m.seconds_per_step:.2f}",
+                     f"{m.state_bytes:,}"))
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+
+    def line(r):
+        return "  ".join(f"{v:<{w}}" if c == 0 else f"{v:>{w}}" for c, (v, w) in enumerate(zip(r, widths)))
+
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule, *map(line, rows)])
+
+
+# --------------------------------------------------------------------------- the claims
+
+
+class Claim(NamedTuple):
+    """One claim of the sweep: what it says, whether this run shows it, and the numbers."""
+    statement: str
+    holds: bool
+    detail: str
+
+
+def check_claims(result: SweepResult) -> list:
+    """The claims the default sweep is designed to show (issue 3), evaluated on ``result``.
+
+    With L₀ = ``initial_val_loss`` and k = the true rank:
+
+    1. full FT and LoRA with r ≥ k end at a validation loss ≤ 0.01·L₀;
+    2. LoRA with r < k stays ≥ 0.05·L₀ (Eckart–Young: it cannot hold all k directions);
+    3. full FT's ΔW of every shifted layer is close to rank k: σ_{k+1}/σ_k ≤ 0.2;
+    4. its top-k left singular subspace is ΔW*'s: φ ≥ 0.9 (Hu et al. §7.2's measure);
+    5. LoRA's trainable parameters are exactly Σ r·(d_in + d_out);
+    6. full FT's measured training state ÷ LoRA's is the formula's ratio
+       (``counting.state_ratio``) within 10%;
+    7. LoRA with r ≥ k forgets task A less than full FT (lower old-task loss).
+
+    A claim about a set of ranks the sweep does not contain (say, no r < k) holds vacuously
+    and says so.
+    """
+    res = result
+    k, L0 = res.task.true_rank, res.initial_val_loss
+    high = [r for r in res.ranks if r >= k]
+    low = [r for r in res.ranks if r < k]
+    out = []
+    worst = max([res.full.final_val_loss] + [res.lora[r].final_val_loss for r in high])
+    out.append(Claim(f"full FT and LoRA r ≥ {k} end at ≤ 0.01·L₀", worst <= 0.01 * L0,
+                     f"worst {worst / L0:.4f}·L₀"))
+    if low:
+        best = min(res.lora[r].final_val_loss for r in low)
+        out.append(Claim(f"LoRA r < {k} stays ≥ 0.05·L₀", best >= 0.05 * L0, f"best {best / L0:.3f}·L₀"))
+    else:
+        out.append(Claim(f"LoRA r < {k} stays ≥ 0.05·L₀", True, "no rank r < k in this sweep"))
+    ratios, phis = [], []
+    for name, dW in res.full.delta_weights.items():
+        s = singular_values(dW)
+        ratios.append(f"{name} {s[k] / s[k - 1]:.4f}" if k < s.size else f"{name} (k = full rank)")
+        ok_ratio = k >= s.size or s[k] / s[k - 1] <= 0.2
+        phi = left_subspace_similarity(dW, res.task.delta_true[name], k)
+        phis.append((name, phi, ok_ratio))
+    out.append(Claim(f"full-FT ΔW has σ_{k + 1}/σ_{k} ≤ 0.2", all(p[2] for p in phis), ", ".join(ratios)))
+    out.append(Claim(f"full-FT ΔW's top-{k} left subspace matches ΔW* (φ ≥ 0.9)",
+                     all(p[1] >= 0.9 for p in phis), ", ".join(f"{n} φ = {p:.4f}" for n, p, _ in phis)))
+    exact = all(m.trainable_params == lora_formula_params(res.task, r, m.targets) for r, m in res.lora.items())
+    out.append(Claim("LoRA trainable params = Σ r·(d_in + d_out)", exact,
+                     ", ".join(f"r={r}: {m.trainable_params:,}" for r, m in res.lora.items())))
+    errs = {r: (res.full.state_bytes / m.state_bytes) / state_ratio(res.full.trainable_params, m.trainable_params) - 1
+            for r, m in res.lora.items()}
+    out.append(Claim("measured state ratio full/LoRA = formula's (within 10%)",
+                     all(abs(e) <= 0.1 for e in errs.values()),
+                     f"largest deviation {max(abs(e) for e in errs.values()):.1%}"))
+    if high:
+        forget = {r: res.lora[r].old_task_loss for r in high}
+        out.append(Claim(f"LoRA r ≥ {k} forgets task A less than full FT",
+                         all(v < res.full.old_task_loss for v in forget.values()),
+                         f"full FT {res.full.old_task_loss:.2e}; LoRA "
+                         + ", ".join(f"r={r} {v:.2e}" for r, v in forget.items())))
+    return out
+
+
+def format_claims(claims) -> str:
+    """One line per claim: ✓ or ✗, the statement, the numbers."""
+    return "\n".join(f"{'✓' if c.holds else '✗'} {c.statement}: {c.detail}" for c in claims)

@@ -1,0 +1,187 @@
+"""The training loop: it learns, records, reproduces, schedules, reports progress, and stops
+with an error naming the step when the loss stops being finite."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+
+from conftest import Snapshot
+from lora_np import MLP, SGD, Adam, Linear, add_lora
+from lora_np import functional as F
+from lora_np.train import TrainHistory, evaluate, learning_rate, train
+
+
+def _problem(seed=0, n=64, d=6, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    teacher = MLP(d, 8, 3, activation="tanh", rng=rng, dtype=dtype)
+    x = rng.standard_normal((n, d)).astype(dtype)
+    return x, teacher(x)
+
+
+def _model(seed=1, dtype=np.float64):
+    return MLP(6, 8, 3, activation="tanh", rng=seed, dtype=dtype)
+
+
+def test_training_lowers_the_loss_and_records_history():
+    x, y = _problem()
+    model = _model()
+    before = F.mse_loss(model(x), y)[0]
+    h = train(model, x, y, steps=200, lr=2e-2, batch_size=16, x_val=x, y_val=y, eval_every=50)
+    assert isinstance(h, TrainHistory)
+    assert len(h.loss_history) == 200
+    assert [s for s, _ in h.val_history] == [0, 50, 100, 150, 200]
+    assert h.val_history[0][1] == pytest.approx(before)
+    assert h.final_val_loss == pytest.approx(F.mse_loss(model(x), y)[0])
+    assert h.final_val_loss < 0.05 * before, f"{h.final_val_loss:.2e} vs {before:.2e}"
+    assert h.seconds_per_step > 0
+    assert isinstance(h.optimizer, Adam)
+
+
+def test_same_rng_same_result_bit_for_bit():
+    x, y = _problem()
+    runs = []
+    for _ in range(2):
+        m = _model()
+        h = train(m, x, y, steps=30, batch_size=10, rng=5)
+        runs.append((m.fc1.W.copy(), h.loss_history))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    m = _model()
+    h = train(m, x, y, steps=30, batch_size=10, rng=6)            # other batch order
+    assert h.loss_history != runs[0][1]
+
+
+def test_full_batch_and_batches_cover_every_row_each_epoch():
+    x, y = _problem(n=10)
+    m = _model()
+    seen = []
+    real_forward = m.forward
+
+    def spy(xb):
+        seen.append(len(xb))
+        return real_forward(xb)
+
+    object.__setattr__(m, "forward", spy)
+    train(m, x, y, steps=6, batch_size=4)                         # epochs of 4 + 4 + 2 rows
+    assert seen == [4, 4, 2, 4, 4, 2]
+    seen.clear()
+    train(m, x, y, steps=2, batch_size=None)
+    assert seen == [10, 10]
+
+
+def test_cosine_schedule_sets_the_optimizer_lr():
+    assert learning_rate(0, 100, 0.1) == 0.1
+    assert learning_rate(50, 100, 0.1) == pytest.approx(0.05)
+    assert 0 < learning_rate(99, 100, 0.1) < 1e-4
+    assert learning_rate(99, 100, 0.1, "constant") == 0.1
+    x, y = _problem()
+    m = _model()
+    h = train(m, x, y, steps=10, lr=0.1)
+    assert h.optimizer.lr == pytest.approx(learning_rate(9, 10, 0.1))
+
+
+def test_only_trainable_parameters_change_with_lora():
+    x, y = _problem()
+    m = add_lora(_model(), ["fc1"], r=2, alpha=4, rng=0)
+    W1, W2 = m.fc1.W.copy(), m.fc2.W.copy()
+    train(m, x, y, steps=20, lr=1e-2)
+    np.testing.assert_array_equal(m.fc1.W, W1)
+    np.testing.assert_array_equal(m.fc2.W, W2)
+    assert np.abs(m.fc1.B).max() > 0
+
+
+def test_sgd_and_a_ready_optimizer():
+    x, y = _problem()
+    m = _model()
+    h = train(m, x, y, steps=5, lr=0.05, optimizer="sgd")
+    assert isinstance(h.optimizer, SGD)
+    m = _model()
+    opt = Adam(m, lr=3e-3)
+    h = train(m, x, y, steps=5, optimizer=opt, schedule="constant")
+    assert h.optimizer is opt and opt.lr == 3e-3 and opt.t == 5
+
+
+def test_float32_stays_float32():
+    x, y = _problem(dtype=np.float32)
+    m = _model(dtype=np.float32)
+    train(m, x, y, steps=5, lr=1e-2, x_val=x, y_val=y)
+    assert all(p.dtype == np.float32 for p in m.parameters().values())
+
+
+def test_non_finite_loss_names_the_step():
+    x, y = _problem()
+    m = _model()
+    with pytest.raises(ValueError, match=r"at step \d+ of 50"):
+        train(m, x, y, steps=50, lr=1e150, optimizer="sgd", schedule="constant")
+
+
+def test_nan_in_the_data_is_caught_at_step_1():
+    x, y = _problem()
+    y = y.copy()
+    y[0, 0] = np.nan
+    with pytest.raises(ValueError, match="loss became nan at step 1 of 3"):
+        train(_model(), x, y, steps=3, batch_size=None)
+
+
+def test_progress_line_only_when_verbose():
+    x, y = _problem()
+    out = io.StringIO()
+    train(_model(), x, y, steps=40, verbose=True, print_every=10, stream=out, label="demo ",
+          x_val=x, y_val=y, eval_every=10)
+    text = out.getvalue()
+    assert text.count("\r") == 4 and text.endswith("\n")
+    assert "demo step 40/40" in text and "val" in text and "lr" in text
+    quiet = io.StringIO()
+    train(_model(), x, y, steps=5, stream=quiet)
+    assert quiet.getvalue() == ""
+
+
+def test_evaluate_restores_the_mode():
+    x, y = _problem()
+    m = _model()
+    m.train()
+    assert math.isfinite(evaluate(m, x, y))
+    assert m.training
+    m.eval()
+    evaluate(m, x, y)
+    assert not m.training
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"steps": 0}, ValueError, "steps must be >= 1"),
+    ({"steps": 2.5}, TypeError, "steps must be an int"),
+    ({"lr": -1.0}, ValueError, "lr must be"),
+    ({"lr": float("nan")}, ValueError, "lr must be"),
+    ({"batch_size": 0}, ValueError, "batch_size"),
+    ({"schedule": "step"}, ValueError, "schedule"),
+    ({"optimizer": "lbfgs"}, ValueError, "optimizer must be one of"),
+    ({"optimizer": 3}, TypeError, "optimizer must be"),
+    ({"x_val": np.zeros((3, 6))}, ValueError, "x_val and y_val"),
+    ({"eval_every": 0}, ValueError, "eval_every"),
+    ({"loss_fn": "mse"}, TypeError, "loss_fn"),
+    ({"optimizer": "sgd", "weight_decay": 0.1}, ValueError, "weight_decay"),
+])
+def test_bad_arguments_leave_the_model_unchanged(kwargs, error, match):
+    x, y = _problem()
+    m = _model()
+    snap = Snapshot(m)
+    if "x_val" in kwargs:
+        kwargs = dict(kwargs, y_val=np.zeros((4, 3)))
+    with pytest.raises(error, match=match):
+        train(m, x, y, **kwargs)
+    snap.assert_unchanged()
+
+
+def test_bad_data_and_model():
+    x, y = _problem()
+    with pytest.raises(ValueError, match="same number of rows"):
+        train(_model(), x, y[:-1])
+    with pytest.raises(TypeError, match="NumPy arrays"):
+        train(_model(), x.tolist(), y)
+    with pytest.raises(TypeError, match="lora_np Module"):
+        train(lambda v: v, x, y)
+    other = Linear(6, 3, rng=0)
+    with pytest.raises(ValueError, match="different model"):
+        train(_model(), x, y, optimizer=Adam(other, lr=1e-3))
