@@ -63,3 +63,20 @@ def test_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "lora_np", "--help"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and "python -m lora_np" in done.stdout
+
+
+def test_restarts_with_one_blas_thread_unless_the_user_chose(monkeypatch):
+    import lora_np.__main__ as cli
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    monkeypatch.setattr(cli.sys, "argv", ["lora_np", "--quick"])
+    for v in cli.BLAS_THREAD_VARIABLES:
+        monkeypatch.delenv(v, raising=False)
+    cli._restart_with_one_blas_thread()
+    (path, argv, env), = calls
+    assert path == sys.executable and argv == [sys.executable, "-m", "lora_np", "--quick"]
+    assert all(env[v] == "1" for v in cli.BLAS_THREAD_VARIABLES)
+    calls.clear()
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    cli._restart_with_one_blas_thread()
+    assert calls == []
