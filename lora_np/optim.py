@@ -133,16 +133,22 @@ class Adam(Optimizer):
             g, m, v = grads[name], self.m[name], self.v[name]
             f = p.dtype.type                     # Python/NumPy scalars in p's dtype: no promotion
             lr = self.lr * self.multiplier(name)
+            # one scratch array per parameter, reused with out= (each `a * b` would allocate)
+            tmp = np.multiply(g, f(1 - b1))
             m *= f(b1)
-            m += f(1 - b1) * g
+            m += tmp                             # m ← β₁ m + (1 − β₁) g
+            np.multiply(g, g, out=tmp)
+            tmp *= f(1 - b2)
             v *= f(b2)
-            v += f(1 - b2) * (g * g)
+            v += tmp                             # v ← β₂ v + (1 − β₂) g²
             if self.weight_decay:
                 p *= f(1 - lr * self.weight_decay)
-            denom = np.sqrt(v)
-            denom *= f(1 / math.sqrt(bc2))
-            denom += f(self.eps)
-            p -= f(lr / bc1) * (m / denom)
+            np.sqrt(v, out=tmp)
+            tmp *= f(1 / math.sqrt(bc2))
+            tmp += f(self.eps)                   # √(v / (1 − β₂ᵗ)) + ε
+            np.divide(m, tmp, out=tmp)
+            tmp *= f(lr / bc1)
+            p -= tmp                             # θ ← θ − lr · (m / (1 − β₁ᵗ)) / (…)
 
     def state_bytes(self) -> int:
         return int(sum(a.nbytes for a in self.m.values()) + sum(a.nbytes for a in self.v.values()))
