@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated LoRA ranks (default {','.join(map(str, DEFAULT_RANKS))}; "
                         f"--quick: {','.join(map(str, QUICK_RANKS))}); at most 64")
     p.add_argument("--true-rank", type=int, default=4, help="rank k of the true change ΔW* (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task, the data and the training (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the task, the data and the training (default 0)")
     p.add_argument("--out", default="figures", help="folder for the PNG figures (default figures/)")
     p.add_argument("--no-figures", action="store_true", help="print the table only, write no figures")
     p.add_argument("--quick", action="store_true",

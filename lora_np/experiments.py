@@ -157,7 +157,8 @@ def _run(task: Task, model, method, rank, targets, lr, settings, verbose, scale=
         lora_factors={p: (m.A.copy(), m.B.copy()) for p, m in loras.items()}, scale=scale)
 
 
-def full_finetune(task: Task, settings: SweepSettings = SweepSettings(), verbose: bool = False) -> MethodResult:
+def full_finetune(task: Task, settings: SweepSettings = SweepSettings(),
+                  verbose: bool = False) -> MethodResult:
     """Fine-tune a copy of ``task.pretrained`` with every parameter trainable (Adam)."""
     model = task.new_model()
     names = tuple(p for p, m in model.named_modules() if isinstance(m, Linear))
@@ -173,7 +174,7 @@ def lora_finetune(task: Task, r: int, targets=None, settings: SweepSettings = Sw
     ``default_rng([settings.seed, 2, r])``; B starts at 0, so training starts from exactly the
     pretrained model.
     """
-    targets = tuple(task.shifted if targets is None else ((targets,) if isinstance(targets, str) else targets))
+    targets = _targets(task, targets)
     alpha = float(r) if settings.alpha is None else settings.alpha
     model = add_lora(task.new_model(), targets, r=r, alpha=alpha,
                      rng=np.random.default_rng([settings.seed, 2, int(r)]))
@@ -182,6 +183,13 @@ def lora_finetune(task: Task, r: int, targets=None, settings: SweepSettings = Sw
 
 
 # --------------------------------------------------------------------------- sweeps
+
+
+def _targets(task: Task, targets) -> tuple:
+    """LoRA's target layers as a tuple (None: the layers task B shifts)."""
+    if targets is None:
+        return tuple(task.shifted)
+    return (targets,) if isinstance(targets, str) else tuple(targets)
 
 
 def _check_ranks(ranks, task, targets):
@@ -211,7 +219,7 @@ def sweep(task: Task, ranks=DEFAULT_RANKS, targets=None, settings: SweepSettings
         raise TypeError(f"task must be a lora_np.tasks.Task, got {type(task).__name__}")
     if not isinstance(settings, SweepSettings):
         raise TypeError(f"settings must be a SweepSettings, got {type(settings).__name__}")
-    targets = tuple(task.shifted if targets is None else ((targets,) if isinstance(targets, str) else targets))
+    targets = _targets(task, targets)
     ranks = _check_ranks(ranks, task, targets)
     t0 = time.perf_counter()
     initial = task.val_loss(task.pretrained)
@@ -221,7 +229,8 @@ def sweep(task: Task, ranks=DEFAULT_RANKS, targets=None, settings: SweepSettings
 
 
 def rank_sweep(ranks=DEFAULT_RANKS, true_rank: int = 4, seed: int = 0, *, targets=None,
-               settings: SweepSettings | None = None, verbose: bool = False, **task_kwargs) -> SweepResult:
+               settings: SweepSettings | None = None, verbose: bool = False,
+               **task_kwargs) -> SweepResult:
     """The default experiment: the MLP task of ``tasks.mlp_task(seed, true_rank, **task_kwargs)``
     (ΔW* on fc1), full FT against LoRA at each rank (on fc1 unless ``targets`` says otherwise).
 
@@ -233,7 +242,8 @@ def rank_sweep(ranks=DEFAULT_RANKS, true_rank: int = 4, seed: int = 0, *, target
 
 
 def attention_sweep(ranks=DEFAULT_RANKS, true_rank: int = 4, seed: int = 0, *, targets=None,
-                    settings: SweepSettings | None = None, verbose: bool = False, **task_kwargs) -> SweepResult:
+                    settings: SweepSettings | None = None, verbose: bool = False,
+                    **task_kwargs) -> SweepResult:
     """The same comparison on one multi-head attention layer (``tasks.attention_task``).
 
     ``task_kwargs["shifted"]`` chooses the projections task B shifts (default q_proj and
@@ -326,10 +336,12 @@ def check_claims(result: SweepResult) -> list:
     out.append(Claim(f"full-FT ΔW has σ_{k + 1}/σ_{k} ≤ 0.2", all(p[2] for p in phis), ", ".join(ratios)))
     out.append(Claim(f"full-FT ΔW's top-{k} left subspace matches ΔW* (φ ≥ 0.9)",
                      all(p[1] >= 0.9 for p in phis), ", ".join(f"{n} φ = {p:.4f}" for n, p, _ in phis)))
-    exact = all(m.trainable_params == lora_formula_params(res.task, r, m.targets) for r, m in res.lora.items())
+    exact = all(m.trainable_params == lora_formula_params(res.task, r, m.targets)
+                for r, m in res.lora.items())
     out.append(Claim("LoRA trainable params = Σ r·(d_in + d_out)", exact,
                      ", ".join(f"r={r}: {m.trainable_params:,}" for r, m in res.lora.items())))
-    errs = {r: (res.full.state_bytes / m.state_bytes) / state_ratio(res.full.trainable_params, m.trainable_params) - 1
+    n_full = res.full.trainable_params
+    errs = {r: (res.full.state_bytes / m.state_bytes) / state_ratio(n_full, m.trainable_params) - 1
             for r, m in res.lora.items()}
     out.append(Claim("measured state ratio full/LoRA = formula's (within 10%)",
                      all(abs(e) <= 0.1 for e in errs.values()),

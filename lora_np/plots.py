@@ -213,10 +213,13 @@ def plot_subspace_similarity(result: SweepResult, r_small: int = 8, r_large: int
     V_true = row_space_basis(res.task.delta_true[name], k)
     n = min(r_small, r_large)
     i = np.arange(1, n + 1)
+    def phi_vs_true(dW):                                           # φ(i, i), i = 1..n
+        return np.diag(subspace_similarity_grid(row_space_basis(dW, n), V_true))[:n]
+
     curves = {
         f"A of r={r_small} vs A of r={r_large}": np.diag(grid)[:n],
-        "full-FT ΔW vs true ΔW*": np.diag(subspace_similarity_grid(row_space_basis(res.full.delta_weights[name], n), V_true))[:n],
-        f"LoRA r={r_large} ΔW vs true ΔW*": np.diag(subspace_similarity_grid(row_space_basis(res.lora[r_large].delta_weights[name], n), V_true))[:n],
+        "full-FT ΔW vs true ΔW*": phi_vs_true(res.full.delta_weights[name]),
+        f"LoRA r={r_large} ΔW vs true ΔW*": phi_vs_true(res.lora[r_large].delta_weights[name]),
     }
     # φ against ΔW* is only defined up to i = k (ΔW* has k directions): past k it is
     # ‖·‖²_F / min(i, k), so the curve stays flat; draw it only up to k
@@ -267,7 +270,8 @@ def plot_param_counts(result: SweepResult, path=None) -> Figure:
         ax1.plot(r_line, formula, color="C0", label=f"Σ r·(d_in + d_out) = {per_rank} r")
         ax1.plot(ranks, [res.lora[r].trainable_params for r in ranks], "o", color="C0", ms=10,
                  label="LoRA, counted")
-        ax1.axhline(res.full.trainable_params, label=f"full fine-tuning ({res.full.trainable_params:,})", **_FULL)
+        n_full = res.full.trainable_params
+        ax1.axhline(n_full, label=f"full fine-tuning ({n_full:,})", **_FULL)
         ax1.set(xlabel="LoRA rank r", ylabel="trainable parameters", title="Trainable parameters",
                 yscale="log")
         _rank_axis(ax1, ranks, k)

@@ -368,7 +368,8 @@ def attention_task(seed: int = 0, true_rank: int = 4, *, d_model: int = 64, n_he
     """
     seed = _check_int("seed", seed, 0)
     k = _check_int("true_rank", true_rank)
-    d_model, n_heads, T = (_check_int(n, v) for n, v in (("d_model", d_model), ("n_heads", n_heads), ("T", T)))
+    d_model, n_heads, T = (_check_int(n, v) for n, v in
+                           (("d_model", d_model), ("n_heads", n_heads), ("T", T)))
     d_old = _check_int("d_old", d_old)
     if d_old >= d_model:
         raise ValueError(f"d_old must be < d_model={d_model}, got d_old={d_old}")

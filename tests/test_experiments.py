@@ -38,7 +38,8 @@ def test_claim_full_ft_and_lora_at_or_above_true_rank_fit_task_B(default_sweep):
     assert res.full.final_val_loss <= 0.01 * L0, f"full FT {res.full.final_val_loss / L0:.4f}·L₀"
     for r in res.ranks:
         if r >= k:
-            assert res.lora[r].final_val_loss <= 0.01 * L0, f"LoRA r={r}: {res.lora[r].final_val_loss / L0:.4f}·L₀"
+            got = res.lora[r].final_val_loss / L0
+            assert got <= 0.01, f"LoRA r={r}: {got:.4f}·L₀"
 
 
 def test_claim_lora_below_true_rank_cannot(default_sweep):
@@ -140,7 +141,6 @@ def test_the_pretrained_model_is_never_trained(tiny):
 
 
 def test_full_ft_delta_is_weight_change(tiny):
-    task = tiny.task
     assert set(tiny.full.delta_weights) == {"fc1"}
     assert np.abs(tiny.full.delta_weights["fc1"]).max() > 0
 
@@ -177,7 +177,8 @@ def test_attention_sweep_small():
     assert m.targets == ("q_proj", "v_proj")
     assert m.trainable_params == 2 * 2 * (64 + 64)
     assert res.full.trainable_params == 4 * (64 * 64 + 64)
-    other = attention_sweep((2,), settings=SweepSettings(steps=2, batch_size=4), targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    other = attention_sweep((2,), settings=SweepSettings(steps=2, batch_size=4),
+                            targets=("q_proj", "k_proj", "v_proj", "o_proj"),
                             shifted=("v_proj",), n_train=8, n_val=4, n_old=4, T=4)
     assert set(other.lora[2].delta_weights) == {"v_proj"}
     assert other.lora[2].trainable_params == 4 * 2 * 128

@@ -42,7 +42,8 @@ def test_help_explains_every_option(capsys):
         main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--ranks", "--seed", "--out", "--quick", "--true-rank", "--model", "--no-figures", "--quiet"):
+    for option in ("--ranks", "--seed", "--out", "--quick", "--true-rank", "--model", "--no-figures",
+                   "--quiet"):
         assert option in text
 
 

@@ -32,7 +32,8 @@ def _assert_readable(fig):
     for ax in fig.axes:
         if ax.get_label() == "<colorbar>":
             continue
-        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), "every panel needs axis labels and a title"
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), \
+            "every panel needs axis labels and a title"
 
 
 @pytest.mark.parametrize("fn", [plot_loss_vs_rank, plot_loss_curves, plot_delta_spectra,
