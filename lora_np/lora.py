@@ -188,6 +188,10 @@ class LoRALinear(Module):
         dx, dA, dB = F.lora_linear_backward(dout, cache)
         self._accumulate("A", dA)
         self._accumulate("B", dB)
+        if "W" in self._grads or "b" in self._grads:   # unfreeze()d: W, b train too, or their
+            G = dout.reshape(-1, self.d_out)            # gradient would silently stay 0
+            self._accumulate("W", G.T @ cache.x.reshape(-1, self.d_in))   # Gᵀ X (d_out, d_in)
+            self._accumulate("b", G.sum(axis=0))
         self._store(None, ())
         return dx
 

@@ -64,6 +64,12 @@ class Optimizer:
         return float(self.lr_multipliers.get(name.rsplit(".", 1)[-1], 1.0))
 
     def _grads(self):
+        # a step on a merged LoRA layer would change A, B under W = W₀ + ΔW, and unmerge would
+        # then subtract a different ΔW: W₀ would be lost
+        merged = [p or "(model)" for p, m in self.model.named_modules() if getattr(m, "merged", False)]
+        if merged:
+            raise ValueError(f"optimizer: layers {merged} are merged; expected unmerged layers "
+                             "for training: call unmerge_lora(model) first")
         grads = self.model.gradients()
         missing = [n for n in self.params if n not in grads]
         if missing:

@@ -364,3 +364,38 @@ def test_cross_entropy_float_labels_raise():
 def test_cross_entropy_label_shape_raises():
     with pytest.raises(ValueError, match=r"\(2,\).*\(3,\)"):
         F.cross_entropy_loss(np.zeros((2, 3)), np.array([0, 1, 2]))
+
+
+class _Factor(np.ndarray):
+    """An array tagged "A" or "B" (views keep the tag); a matmul of an A-tagged with a B-tagged
+    operand raises, so a test can prove that ``B @ A`` is never formed."""
+
+    def __new__(cls, a, tag):
+        obj = np.asarray(a).view(cls)
+        obj.tag = tag
+        return obj
+
+    def __array_finalize__(self, obj):
+        self.tag = getattr(obj, "tag", None)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        tags = {getattr(i, "tag", None) for i in inputs}
+        if ufunc is np.matmul and {"A", "B"} <= tags:
+            raise AssertionError("B @ A (a d_out × d_in matrix) was formed")
+        plain = [np.asarray(i) if isinstance(i, _Factor) else i for i in inputs]
+        if "out" in kwargs:
+            kwargs["out"] = tuple(np.asarray(o) if isinstance(o, _Factor) else o for o in kwargs["out"])
+        return getattr(ufunc, method)(*plain, **kwargs)
+
+
+def test_lora_linear_never_forms_B_times_A(rng):
+    x, W, b = rng.standard_normal((2, 3, 6)), rng.standard_normal((5, 6)), rng.standard_normal(5)
+    A0, B0 = rng.standard_normal((2, 6)), rng.standard_normal((5, 2))
+    A, B = _Factor(A0, "A"), _Factor(B0, "B")
+    with pytest.raises(AssertionError, match="was formed"):      # the guard itself works
+        B @ A
+    mask = (rng.random(x.shape) < 0.5) * 2.0
+    y, cache = F.lora_linear_forward(x, W, b, A, B, 1.5, mask)
+    dx, dA, dB = F.lora_linear_backward(rng.standard_normal(y.shape), cache)
+    y_plain, _ = F.lora_linear_forward(x, W, b, A0, B0, 1.5, mask)
+    np.testing.assert_array_equal(np.asarray(y), y_plain)

@@ -748,3 +748,20 @@ def test_loading_a_missing_file_raises(tmp_path):
     with pytest.raises(ValueError, match="not a readable lora_np adapter"):
         load_adapter(model, tmp_path / "nope.npz")
     snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("name", ["MLP", "Block"])
+def test_unfrozen_lora_model_trains_everything_gradcheck(rng, name):
+    """add_lora then unfreeze(): full fine-tuning *and* LoRA. The adapted layers' W and b are
+    trainable then and must get their true gradient (Gᵀ X, Σ G), not a silent zero."""
+    if name == "MLP":
+        model = add_lora(MLP(5, 7, 4, rng=rng), ["fc1", "fc2"], r=2, alpha=5.0, rng=rng)
+        x = rng.standard_normal((3, 5))
+    else:
+        model = add_lora(TransformerBlock(8, 2, 12, rng=rng), ["q_proj", "fc1"], r=2, alpha=6.0, rng=rng)
+        x = rng.standard_normal((1, 3, 8))
+    model.unfreeze()
+    randomize(model, rng)
+    expect = set(model.parameters()) | {"x"}           # (the key bias is checked to be 0)
+    assert {"fc1.W", "fc1.A"} <= expect or {"mlp.fc1.W", "mlp.fc1.A"} <= expect
+    assert_module_grads(model, x, expect=expect)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import Snapshot
 
-from lora_np import MLP, SGD, Adam, Linear, LoRALinear, TransformerBlock, add_lora
+from lora_np import MLP, SGD, Adam, Linear, LoRALinear, TransformerBlock, add_lora, merge_lora, unmerge_lora
 
 
 def _tiny(W):
@@ -243,3 +243,20 @@ def test_lora_added_after_the_optimizer_raises_on_step(rng):
     with pytest.raises(ValueError, match=r"no gradient for \['fc1.W', 'fc1.b', 'fc2.W', 'fc2.b'\]"):
         opt.step()
     snap.assert_unchanged()
+
+
+def test_step_on_a_merged_model_raises_and_changes_nothing(rng):
+    """Stepping while merged would move A, B under W = W₀ + ΔW; unmerge could not restore W₀."""
+    mlp = add_lora(MLP(4, 5, 3, rng=rng), ["fc1"], r=2, alpha=4.0, rng=rng)
+    opt = Adam(mlp, lr=0.1)
+    y = mlp(rng.standard_normal((2, 4)))
+    mlp.backward(np.ones_like(y))
+    opt.step()
+    W0 = mlp.fc1.W.copy()
+    merge_lora(mlp)
+    snap = Snapshot(mlp)
+    with pytest.raises(ValueError, match=r"\['fc1'\] are merged; expected unmerged layers.*unmerge_lora"):
+        opt.step()
+    snap.assert_unchanged()
+    unmerge_lora(mlp)
+    np.testing.assert_allclose(mlp.fc1.W, W0, rtol=1e-12, atol=1e-15)
