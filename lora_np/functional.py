@@ -131,7 +131,7 @@ def lora_linear_forward(x, W, b, A, B, scale, dropout_mask=None):
     y = x @ W.T                                   # (..., d_out)  frozen path
     if b is not None:
         y += b
-    y += s * (H @ B.T)                            # (..., r) @ (r, d_out) -> (..., d_out)
+    y += (H * s) @ B.T                            # (s H) Bᵀ: scale the (..., r) side, not (..., d_out)
     return y, LoRALinearCache(x, xd, H, W, A, B, scale, dropout_mask)
 
 
@@ -150,11 +150,13 @@ def lora_linear_backward(dy, cache: LoRALinearCache):
     """
     x, xd, H, W, A, B, scale, mask = cache
     s = _as_scalar(scale, dy.dtype)
-    GB = dy @ B                                   # (..., d_out) @ (d_out, r) -> (..., r)
-    G2, H2, GB2, Xd2 = _rows(dy), _rows(H), _rows(GB), _rows(xd)
-    dB = s * (G2.T @ H2)                          # (d_out, N) @ (N, r) -> (d_out, r)
-    dA = s * (GB2.T @ Xd2)                        # (r, N) @ (N, d_in) -> (r, d_in)
-    d_branch = s * (GB @ A)                       # (..., r) @ (r, d_in) -> (..., d_in)
+    sGB = dy @ B                                  # (..., d_out) @ (d_out, r) -> (..., r)
+    sGB *= s                                      # s G B: the scale on the small (..., r) side
+    G2, H2, sGB2, Xd2 = _rows(dy), _rows(H), _rows(sGB), _rows(xd)
+    dB = G2.T @ H2                                # (d_out, N) @ (N, r) -> (d_out, r)
+    dB *= s                                       # dB = s Gᵀ H
+    dA = sGB2.T @ Xd2                             # (r, N) @ (N, d_in) -> (r, d_in) = s (G B)ᵀ X̃
+    d_branch = sGB @ A                            # (..., r) @ (r, d_in) -> (..., d_in) = s (G B) A
     if mask is not None:
         d_branch *= mask.astype(dy.dtype, copy=False)
     dx = dy @ W                                   # (..., d_in)
