@@ -124,18 +124,18 @@ def lora_linear_step_flops(N: int, d_in: int, d_out: int, r: int) -> int:
                   H = X Aᵀ,  s·H             2·N·r·d_in + N·r
                   (sH) Bᵀ, add to Y          2·N·r·d_out + N·d_out
         backward  G B,  s·(G B)              2·N·r·d_out + N·r
-                  dB = Gᵀ (sH)               2·N·r·d_out
+                  dB = s (Gᵀ H)              2·N·r·d_out + r·d_out
                   dA = (s G B)ᵀ X            2·N·r·d_in
                   dX = G W + (s G B) A       2·N·d_in·d_out + 2·N·r·d_in + N·d_in
         Adam      on A and B                 ADAM_FLOPS_PER_PARAM·r·(d_in + d_out)
 
     In total ``4·N·d_in·d_out`` (the frozen path: one forward and one ``dX`` GEMM, *no* ``dW``)
-    plus ``6·N·r·(d_in + d_out)`` for the low-rank branch, plus O(N·(d_in + d_out)).
+    plus ``6·N·r·(d_in + d_out)`` for the low-rank branch, plus O(N·(d_in + d_out) + r·d_out).
     ``B @ A`` is never formed.
     """
     _check_sizes(N=N, d_in=d_in, d_out=d_out, r=r)
     frozen = 4 * N * d_in * d_out + N * d_out
-    branch = 6 * N * r * (d_in + d_out) + 2 * N * r + N * d_out + N * d_in
+    branch = 6 * N * r * (d_in + d_out) + 2 * N * r + N * d_out + N * d_in + r * d_out
     return frozen + branch + adam_flops(r * (d_in + d_out))
 
 

@@ -245,6 +245,8 @@ class Linear(Module):
     def forward(self, x):
         x = self._check_input(x, self.d_in)
         y, cache = F.linear_forward(x, self.W, self.bias)
+        if "W" not in self._grads:               # frozen W: backward needs W (dX = G W), not x,
+            cache = cache._replace(x=None)       # so the input is not kept alive until backward
         self._store(cache, y.shape)
         return y
 

@@ -32,12 +32,12 @@ def test_lora_linear_step_flops_by_hand():
     frozen = (2 * N * d_in * d_out + N * d_out) + 2 * N * d_in * d_out     # forward, dX = G W
     forward_branch = 2 * N * r * d_in + N * r + 2 * N * r * d_out + N * d_out   # H, sH, (sH)Bᵀ, add
     backward_branch = (2 * N * r * d_out + N * r          # G B, s·(G B)
-                       + 2 * N * r * d_out                # dB = Gᵀ (sH)
+                       + 2 * N * r * d_out + r * d_out    # dB = s (Gᵀ H)
                        + 2 * N * r * d_in                 # dA = (sGB)ᵀ X
                        + 2 * N * r * d_in + N * d_in)     # (sGB) A, added to dX
     adam = ADAM_FLOPS_PER_PARAM * r * (d_in + d_out)
     expected = frozen + forward_branch + backward_branch + adam
-    assert expected == 104 + 102 + 98
+    assert expected == 104 + 106 + 98
     assert lora_linear_step_flops(N, d_in, d_out, r) == expected
 
 
@@ -48,7 +48,7 @@ def test_lora_skips_exactly_the_dW_gemm_and_adds_the_branch():
     # full − frozen = the dW GEMM, db and Adam on W, b
     assert full - frozen == 2 * N * d * d + N * d + adam_flops(d * d + d)
     # LoRA − frozen = the branch (6·N·r·(d_in+d_out) GEMM FLOPs + O(N·(r + d))) and Adam on A, B
-    assert lora - frozen == 6 * N * r * 2 * d + 2 * N * r + 2 * N * d + adam_flops(2 * r * d)
+    assert lora - frozen == 6 * N * r * 2 * d + 2 * N * r + 2 * N * d + r * d + adam_flops(2 * r * d)
 
 
 def test_mlp_step_flops_by_hand():
@@ -206,6 +206,31 @@ def test_frozen_linear_backward_skips_dW():
     bwd, dx = _peak_bytes(lambda: layer.backward(dy))
     assert bwd < d * d * 8 / 8
     np.testing.assert_allclose(dx, dy @ layer.W)
+
+
+def _step_memory(model, rank, d=256, rows=128):
+    m, opt, x, target = build(BenchConfig(model, d, "float64", rank, rows))
+    return bench._memory_of_step(m, opt, x, target)
+
+
+def test_lora_step_peak_memory_is_lower_than_full():
+    # full fine-tuning allocates d×d arrays (dW, Adam's scratch); with d = 512 ≫ N = 64 rows
+    # they outweigh the N×d activations, which LoRA and full fine-tuning share
+    for model in ("mlp", "attention"):
+        _, full_peak = _step_memory(model, None, d=512, rows=64)
+        _, lora_peak = _step_memory(model, 8, d=512, rows=64)
+        assert full_peak >= 512 * 512 * 8, (model, full_peak)
+        assert lora_peak < 0.8 * full_peak, (model, lora_peak, full_peak)
+
+
+def test_lora_attention_keeps_fewer_activations():
+    # LoRA on q, v: o_proj is frozen, so its input (the merged heads, N×d) is not cached;
+    # q_proj and v_proj cache H = X Aᵀ (N×r) each instead
+    N, d, r = 128, 256, 8
+    full_act, _ = _step_memory("attention", None)
+    lora_act, _ = _step_memory("attention", r)
+    saved = N * d * 8 - 2 * N * r * 8
+    assert full_act - lora_act >= saved - 1024, (full_act, lora_act, saved)
 
 
 # ---------------------------------------------------------------------------------------------
