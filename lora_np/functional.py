@@ -43,6 +43,13 @@ def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
+def _matmul_rows(a: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """``a @ M`` for ``a`` (..., k) and a matrix ``M`` (k, n), as ONE GEMM (N, k) @ (k, n)
+    viewed back as (..., n). (NumPy's ``@`` on a 3-D ``a`` runs one smaller GEMM per leading
+    index: 25-40% slower for (8, 64, 1024) @ (1024, 1024) on 2 cores.)"""
+    return (_rows(a) @ M).reshape(*a.shape[:-1], M.shape[-1])
+
+
 def _as_scalar(value: float, dtype: np.dtype):
     """``value`` as a NumPy scalar of ``dtype``, so it cannot promote a float32 array."""
     return np.dtype(dtype).type(value)
@@ -71,7 +78,7 @@ def linear_forward(x, W, b=None):
     y : (..., d_out)
     cache : LinearCache
     """
-    y = x @ W.T                                   # (..., d_in) @ (d_in, d_out) -> (..., d_out)
+    y = _matmul_rows(x, W.T)                      # (..., d_in) @ (d_in, d_out) -> (..., d_out)
     if b is not None:
         y += b                                    # y is a fresh array, so += is safe
     return y, LinearCache(x, W, b is not None)
@@ -85,7 +92,7 @@ def linear_backward(dy, cache: LinearCache):
         db = Σ_rows G     (d_out,)        (None when there is no bias)
     """
     x, W, has_bias = cache
-    dx = dy @ W                                   # (..., d_out) @ (d_out, d_in) -> (..., d_in)
+    dx = _matmul_rows(dy, W)                      # (..., d_out) @ (d_out, d_in) -> (..., d_in)
     G, X = _rows(dy), _rows(x)                    # (N, d_out), (N, d_in)
     dW = G.T @ X                                  # (d_out, N) @ (N, d_in) -> (d_out, d_in)
     db = G.sum(axis=0) if has_bias else None
@@ -127,11 +134,11 @@ def lora_linear_forward(x, W, b, A, B, scale, dropout_mask=None):
     """
     s = _as_scalar(scale, x.dtype)
     xd = x if dropout_mask is None else x * dropout_mask.astype(x.dtype, copy=False)
-    H = xd @ A.T                                  # (..., d_in) @ (d_in, r) -> (..., r)
-    y = x @ W.T                                   # (..., d_out)  frozen path
+    H = _matmul_rows(xd, A.T)                     # (..., d_in) @ (d_in, r) -> (..., r)
+    y = _matmul_rows(x, W.T)                      # (..., d_out)  frozen path
     if b is not None:
         y += b
-    y += (H * s) @ B.T                            # (s H) Bᵀ: scale the (..., r) side, not (..., d_out)
+    y += _matmul_rows(H * s, B.T)                 # (s H) Bᵀ: scale the (..., r) side, not (..., d_out)
     return y, LoRALinearCache(x, xd, H, W, A, B, scale, dropout_mask)
 
 
@@ -150,16 +157,16 @@ def lora_linear_backward(dy, cache: LoRALinearCache):
     """
     x, xd, H, W, A, B, scale, mask = cache
     s = _as_scalar(scale, dy.dtype)
-    sGB = dy @ B                                  # (..., d_out) @ (d_out, r) -> (..., r)
+    sGB = _matmul_rows(dy, B)                     # (..., d_out) @ (d_out, r) -> (..., r)
     sGB *= s                                      # s G B: the scale on the small (..., r) side
     G2, H2, sGB2, Xd2 = _rows(dy), _rows(H), _rows(sGB), _rows(xd)
     dB = G2.T @ H2                                # (d_out, N) @ (N, r) -> (d_out, r)
     dB *= s                                       # dB = s Gᵀ H
     dA = sGB2.T @ Xd2                             # (r, N) @ (N, d_in) -> (r, d_in) = s (G B)ᵀ X̃
-    d_branch = sGB @ A                            # (..., r) @ (r, d_in) -> (..., d_in) = s (G B) A
+    d_branch = _matmul_rows(sGB, A)               # (..., r) @ (r, d_in) -> (..., d_in) = s (G B) A
     if mask is not None:
         d_branch *= mask.astype(dy.dtype, copy=False)
-    dx = dy @ W                                   # (..., d_in)
+    dx = _matmul_rows(dy, W)                      # (..., d_in)
     dx += d_branch
     return dx, dA, dB
 

@@ -257,7 +257,7 @@ class Linear(Module):
             self._accumulate("W", dW)
             self._accumulate("b", db)
         else:                                    # frozen W: skip the dW GEMM entirely
-            dx = dout @ self.W
+            dx = F._matmul_rows(dout, self.W)    # dX = G W as one 2-D GEMM over all rows
             if "b" in self._grads:
                 self._accumulate("b", dout.reshape(-1, self.d_out).sum(axis=0))
         self._store(None, ())
