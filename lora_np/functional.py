@@ -269,16 +269,20 @@ def softmax_forward(x, axis=-1):
     Subtracting the max changes nothing mathematically and keeps ``exp`` from overflowing.
     Entries equal to ``-inf`` (masked) get probability 0.
     """
-    z = x - x.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    p = e / e.sum(axis=axis, keepdims=True)
+    p = x - x.max(axis=axis, keepdims=True)       # z = x − max x (a fresh array) ...
+    np.exp(p, out=p)                              # ... e = exp z in place ...
+    p /= p.sum(axis=axis, keepdims=True)          # ... p = e / Σ e in place
     return p, SoftmaxCache(p, axis)
 
 
 def softmax_backward(dp, cache: SoftmaxCache):
     """Jacobian-vector product of softmax: ``dx = p ⊙ (dp − Σ_j dp_j p_j)``."""
     p, axis = cache
-    return p * (dp - (dp * p).sum(axis=axis, keepdims=True))
+    dx = dp * p
+    row = dx.sum(axis=axis, keepdims=True)        # Σ_j dp_j p_j
+    np.subtract(dp, row, out=dx)
+    dx *= p                                       # p ⊙ (dp − Σ_j dp_j p_j), in one fresh array
+    return dx
 
 
 # -------------------------------------------------------------------------- attention
@@ -311,9 +315,10 @@ def attention_forward(q, k, v, causal=False):
     """
     T, d_head = q.shape[-2], q.shape[-1]
     c = 1.0 / math.sqrt(d_head)
-    S = (q @ np.swapaxes(k, -1, -2)) * _as_scalar(c, q.dtype)   # (..., T, d) @ (..., d, T) -> (..., T, T)
+    S = q @ np.swapaxes(k, -1, -2)                # (..., T, d) @ (..., d, T) -> (..., T, T)
+    S *= _as_scalar(c, S.dtype)
     if causal:
-        S = np.where(causal_mask(T), _as_scalar(-np.inf, S.dtype), S)
+        S[..., causal_mask(T)] = -np.inf          # every (t, u > t) entry of every (batch, head)
     P, sm_cache = softmax_forward(S, axis=-1)
     out = P @ v                                   # (..., T, T) @ (..., T, d) -> (..., T, d)
     return out, AttentionCache(q, k, v, P, sm_cache, c)
@@ -332,8 +337,10 @@ def attention_backward(dout, cache: AttentionCache):
     dP = dout @ np.swapaxes(v, -1, -2)            # (..., T, d) @ (..., d, T) -> (..., T, T)
     dv = np.swapaxes(P, -1, -2) @ dout            # (..., T, T) @ (..., T, d) -> (..., T, d)
     dS = softmax_backward(dP, sm_cache)           # (..., T, T)
-    dq = (dS @ k) * c                             # (..., T, d)
-    dk = (np.swapaxes(dS, -1, -2) @ q) * c        # (..., T, d)
+    dq = dS @ k                                   # (..., T, T) @ (..., T, d) -> (..., T, d)
+    dq *= c
+    dk = np.swapaxes(dS, -1, -2) @ q              # (..., T, T) @ (..., T, d) -> (..., T, d)
+    dk *= c
     return dq, dk, dv
 
 
