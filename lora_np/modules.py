@@ -324,9 +324,9 @@ class MLP(Module):
         act_cache, dout = self._check_backward(dout)
         _, act_backward = F.ACTIVATIONS[self.activation]
         dh = act_backward(self.fc2.backward(dout), act_cache)
-        dx = self.fc1.backward(dh)
-        self._store(None, ())
-        return dx
+        self._store(None, ())                    # the activation's cache is used up: free it
+        del act_cache                            # before fc1's backward allocates its gradients
+        return self.fc1.backward(dh)
 
     def extra_repr(self):
         return f"activation={self.activation!r}"
@@ -388,10 +388,11 @@ class MultiHeadAttention(Module):
         cache, dout = self._check_backward(dout)
         datt = self._split(self.o_proj.backward(dout))           # (B, H, T, d_head)
         dq, dk, dv = F.attention_backward(datt, cache)           # each (B, H, T, d_head)
+        self._store(None, ())                    # q, k, v and P are used up: free them before
+        del cache, datt                          # the projections' backward allocates more
         dx = self.q_proj.backward(self._merge(dq))               # (B, T, C)
         dx += self.k_proj.backward(self._merge(dk))
         dx += self.v_proj.backward(self._merge(dv))
-        self._store(None, ())
         return dx
 
     def extra_repr(self):
