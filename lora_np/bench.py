@@ -286,6 +286,7 @@ class BenchRow:
     state_ratio_model: float | None = None
     activation_ratio: float | None = None
     peak_ratio: float | None = None
+    memory_ratio: float | None = None      # (state + peak) LoRA / full: all the step needs
 
     @property
     def frac_matmul(self) -> float:
@@ -334,25 +335,29 @@ def _median_seconds(fn, repeats: int, min_seconds: float = 0.2, max_repeats: int
     return _interleaved_medians([fn], repeats, min_seconds, max_repeats)[0]
 
 
-def _interleaved_medians(fns, repeats: int, min_seconds: float = 0.2, max_repeats: int = 300):
-    """Median wall time of each ``fn`` in ``fns``, timed round-robin (fn0, fn1, ..., fn0, ...)
-    so that a slow drift of the machine's load hits all of them alike and their *ratios* stay
-    fair. Each gets one warm-up call; rounds = ``repeats``, or more (up to ``max_repeats``)
-    when one round takes less than ``min_seconds / repeats``."""
-    for fn in fns:
-        fn()
+def _interleaved_medians(fns, repeats: int, min_seconds: float = 0.2, max_repeats: int = 300,
+                         burst: int = 3):
+    """Median wall time of each ``fn`` in ``fns``, timed in rounds: every round runs each fn
+    ``burst`` times in a row, the first call untimed. Round-robin, so a slow drift of the
+    machine's load hits all of them alike and their *ratios* stay fair; in bursts, so every
+    timed call runs right after a call of the same fn, with its weights and buffers warm in
+    the caches, as in a training loop (strict alternation would time each step cold).
+    At least ``repeats`` timed calls each, more (up to ``max_repeats``) when fast."""
     t0 = time.perf_counter()
     for fn in fns:
         fn()
-    one_round = time.perf_counter() - t0
-    n = max(repeats, min(max_repeats, int(min_seconds / max(one_round, 1e-9))))
+    one_call = (time.perf_counter() - t0) / len(fns)
+    n = max(repeats, min(max_repeats, int(min_seconds / max(one_call, 1e-9))))
+    timed = max(1, burst - 1)
     times = [[] for _ in fns]
     gc.collect()
-    for _ in range(n):
+    for _ in range(-(-n // timed)):
         for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
             fn()
-            ts.append(time.perf_counter() - t0)
+            for _ in range(timed):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
     return [float(np.median(ts)) for ts in times]
 
 
@@ -424,6 +429,7 @@ def _fill_ratios(rows: list[BenchRow]) -> None:
         r.state_ratio_model = r.state_bytes_model / f.state_bytes_model
         r.activation_ratio = r.activation_bytes / max(f.activation_bytes, 1)
         r.peak_ratio = r.peak_bytes / max(f.peak_bytes, 1)
+        r.memory_ratio = (r.state_bytes + r.peak_bytes) / (f.state_bytes + f.peak_bytes)
 
 
 def configs(models, widths, ranks, dtypes, rows: int, T: int = 64) -> list[list[BenchConfig]]:
@@ -477,13 +483,43 @@ def machine_info() -> dict:
     return info
 
 
+def _cpu_jiffies():
+    """(busy, total) CPU ticks of the whole machine from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)       # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+class MachineLoad:
+    """How much of the machine *other* processes used while the benchmark ran: the whole
+    machine's busy CPU time (/proc/stat) minus this process's own (os.times, all threads),
+    as a fraction of all cores' time. ~0 means the timings are clean; on a shared machine a
+    2-thread BLAS slows down far more than the share suggests."""
+
+    def __init__(self):
+        self.start, self.own0 = _cpu_jiffies(), os.times()
+
+    def others_fraction(self) -> float | None:
+        end, own1 = _cpu_jiffies(), os.times()
+        if self.start is None or end is None:
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        busy, total = end[0] - self.start[0], end[1] - self.start[1]
+        own = (own1.user + own1.system - self.own0.user - self.own0.system) * tick
+        return max(0.0, (busy - own) / total) if total > 0 else None
+
+
 def _fmt_ratio(x, digits=3):
     return "" if x is None else f"{x:.{digits}f}"
 
 
 _COLUMNS = ("block", "dtype", "d", "method", "ms/step", "GFLOP", "GFLOP/s", "% matmul",
             "state MiB", "act MiB", "peak MiB", "t/t_full", "FLOP model", "t ratio/model",
-            "state/full", "byte model", "peak/full")
+            "state/full", "byte model", "peak/full", "state+peak/full")
 
 
 def _cells(r: BenchRow) -> list[str]:
@@ -493,7 +529,7 @@ def _cells(r: BenchRow) -> list[str]:
             f"{r.activation_bytes / mib:.2f}", f"{r.peak_bytes / mib:.2f}",
             _fmt_ratio(r.time_ratio), _fmt_ratio(r.flop_ratio), _fmt_ratio(r.time_vs_model, 2),
             _fmt_ratio(r.state_ratio, 4), _fmt_ratio(r.state_ratio_model, 4),
-            _fmt_ratio(r.peak_ratio)]
+            _fmt_ratio(r.peak_ratio), _fmt_ratio(r.memory_ratio)]
 
 
 def format_table(rows: list[BenchRow]) -> str:
@@ -516,9 +552,29 @@ def _header(info: dict, rows: int, T: int, repeats: int) -> str:
     return (f"machine: {info['cpu_count']} cores (os.cpu_count()), BLAS {info['blas']} with "
             f"{info['blas_threads']} threads, NumPy {info['numpy']}\n"
             f"step = zero_grad + forward + MSE loss + backward + Adam; MLP d→d→d on N={rows} rows, "
-            f"attention on {rows // T}×{T} tokens (d_head 64); median of ≥{repeats} steps\n"
+            f"attention on {rows // T}×{T} tokens (d_head 64); median of ≥{repeats} timed steps, run in bursts "
+            f"(a warm-up step of the same model first), round-robin over the methods\n"
             f"% matmul = achieved GFLOP/s over np.matmul ({rows}, d) @ (d, d) in the same dtype, "
             f"same run; t ratio/model = (t_LoRA/t_full) / (FLOPs_LoRA/FLOPs_full)")
+
+
+def target_summary(rows: list[BenchRow], d: int = 1024, dtype: str = "float32", rank: int = 8) -> str:
+    """The issue's targets, checked on the rows at width ``d``, ``dtype``, rank ``rank``:
+    LoRA time ratio ≤ 1.1 × the FLOP model's ratio, step rate ≥ 70% of the plain matmul rate,
+    training-state bytes LoRA/full within 5% of the byte model."""
+    lines = []
+    for r in rows:
+        if r.d != d or r.dtype != dtype or r.rank != rank or r.time_ratio is None:
+            continue
+        full = next(f for f in rows if (f.model, f.dtype, f.d, f.rank) == (r.model, r.dtype, r.d, None))
+        state_err = abs(r.state_ratio / r.state_ratio_model - 1)
+        checks = [f"t ratio/model {r.time_vs_model:.2f} ({'≤' if r.time_vs_model <= 1.1 else '>'} 1.1)",
+                  f"rate LoRA {100 * r.frac_matmul:.0f}%, full {100 * full.frac_matmul:.0f}% of matmul "
+                  f"({'both ≥' if min(r.frac_matmul, full.frac_matmul) >= 0.7 else 'not both ≥'} 70%)",
+                  f"state ratio off the byte model by {100 * state_err:.2f}% "
+                  f"({'≤' if state_err <= 0.05 else '>'} 5%)"]
+        lines.append(f"targets, {r.model} d={d} {dtype} r={rank}: " + "; ".join(checks))
+    return "\n".join(lines)
 
 
 def plot_results(rows: list[BenchRow], path, dtype: str = "float32"):
@@ -544,8 +600,11 @@ def plot_results(rows: list[BenchRow], path, dtype: str = "float32"):
             kw = dict(ls=styles[model], marker="o", color=f"C{i}", lw=2, label=f"{model}, {method}")
             axes[0].plot([r.d for r in sel], [r.ms for r in sel], **kw)
             axes[1].plot([r.d for r in sel], [100 * r.frac_matmul for r in sel], **kw)
+    widths = sorted({r.d for r in rows})
     for ax in axes[:2]:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(widths, [str(w) for w in widths])
+        ax.minorticks_off()
         ax.set_xlabel("width d")
         ax.grid(True, alpha=0.3)
     axes[0].set_yscale("log")
@@ -554,6 +613,7 @@ def plot_results(rows: list[BenchRow], path, dtype: str = "float32"):
     axes[1].set_ylabel("% of plain np.matmul GFLOP/s")
     axes[1].set_title("Achieved rate (FLOP model / time)")
     axes[1].axhline(70, color="gray", ls=":", lw=1.5)
+    axes[1].text(widths[0], 71, "target 70%", color="gray", fontsize=11)
     axes[0].legend(fontsize=10, ncol=2)
 
     d_max = max(r.d for r in rows)
@@ -561,15 +621,18 @@ def plot_results(rows: list[BenchRow], path, dtype: str = "float32"):
     labels = [f"{r.model}\nr={r.rank}" for r in lora]
     x = np.arange(len(lora))
     bars = [("time", [r.time_ratio for r in lora]), ("FLOP model", [r.flop_ratio for r in lora]),
-            ("state bytes", [r.state_ratio for r in lora]), ("peak memory", [r.peak_ratio for r in lora])]
-    w = 0.2
+            ("state bytes (= byte model)", [r.state_ratio for r in lora]),
+            ("step peak memory", [r.peak_ratio for r in lora]),
+            ("state + peak", [r.memory_ratio for r in lora])]
+    w = 0.16
     for j, (name, vals) in enumerate(bars):
-        axes[2].bar(x + (j - 1.5) * w, vals, w, label=name, color=f"C{j + 4}")
+        axes[2].bar(x + (j - 2) * w, vals, w, label=name, color=f"C{j + 4}")
     axes[2].set_xticks(x, labels)
     axes[2].axhline(1.0, color="black", lw=1)
     axes[2].set_ylabel("LoRA / full fine-tuning")
     axes[2].set_title(f"LoRA vs full at d = {d_max}")
-    axes[2].legend(fontsize=11)
+    axes[2].legend(fontsize=10, loc="upper left")
+    axes[2].set_ylim(0, 1.45)
     for ax in axes:
         ax.title.set_fontsize(15)
         ax.xaxis.label.set_fontsize(13)
@@ -624,20 +687,28 @@ def main(argv=None) -> list[BenchRow]:
     info = machine_info()
     header = _header(info, args.rows, T, args.repeats)
     print(header, flush=True)
+    load = MachineLoad()
     t0 = time.perf_counter()
     rows = run(args.models, args.widths, args.ranks, args.dtypes, args.rows, T, args.repeats,
                progress=lambda group: print("  " + ", ".join(
                    f"{r.model} {r.dtype} d={r.d} {r.method}: {r.ms:.3f} ms" for r in group),
                    file=sys.stderr, flush=True))
     elapsed = time.perf_counter() - t0
+    others = load.others_fraction()
+    footer = (f"bench ran in {elapsed:.1f} s; other processes used "
+              + ("an unknown share" if others is None else f"{100 * others:.0f}%")
+              + " of the machine's CPU time meanwhile"
+              + (" — timings are disturbed, rerun on a quiet machine" if others and others > 0.1 else ""))
+    summary = target_summary(rows)
     print(format_table(rows))
-    print(f"bench ran in {elapsed:.1f} s")
+    print(summary + "\n" + footer if summary else footer)
     if not args.no_files:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         md = out / "bench_results.md"
         md.write_text(f"<!-- written by python -m lora_np.bench {' '.join(argv or sys.argv[1:])} -->\n\n"
-                      + header.replace("\n", "  \n") + "\n\n" + markdown_table(rows) + "\n",
+                      + header.replace("\n", "  \n") + "\n\n" + markdown_table(rows) + "\n\n"
+                      + (summary.replace("\n", "  \n") + "  \n" if summary else "") + footer + "\n",
                       encoding="utf-8")
         written = [md]
         for dtype in args.dtypes:

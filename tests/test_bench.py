@@ -262,3 +262,40 @@ def test_main_writes_table_and_plot(tmp_path, capsys):
 def test_main_rejects_bad_options(argv):
     with pytest.raises(SystemExit):
         bench.main(argv + ["--no-files"])
+
+
+def _row(model, rank, ms, flops, state, state_model, matmul=100.0):
+    return bench.BenchRow(model=model, dtype="float32", d=1024, method="x", rank=rank, rows=512,
+                          ms=ms, flops=flops, gflops=flops / ms / 1e6, matmul_gflops=matmul,
+                          state_bytes=state, state_bytes_model=state_model, activation_bytes=1,
+                          peak_bytes=1)
+
+
+def test_target_summary_checks_the_three_targets():
+    full = _row("mlp", None, ms=100.0, flops=int(8e9), state=400, state_model=400)
+    lora = _row("mlp", 8, ms=75.0, flops=int(6e9), state=100, state_model=100)
+    bench._fill_ratios([full, lora])
+    assert lora.time_vs_model == pytest.approx(1.0)           # 0.75 / 0.75
+    text = bench.target_summary([full, lora])
+    assert "t ratio/model 1.00 (≤ 1.1)" in text
+    assert "rate LoRA 80%, full 80% of matmul (both ≥ 70%)" in text
+    assert "off the byte model by 0.00% (≤ 5%)" in text
+
+
+def test_interleaved_medians_times_each_function_in_bursts():
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+        return fn
+
+    meds = bench._interleaved_medians([make("a"), make("b")], repeats=4, min_seconds=0.0, burst=3)
+    assert len(meds) == 2 and all(m >= 0 for m in meds)
+    # 1 sizing call + 2 rounds of (1 untimed + 2 timed) calls each
+    assert calls == {"a": 7, "b": 7}
+
+
+def test_machine_load_is_a_fraction_or_unknown():
+    frac = bench.MachineLoad().others_fraction()
+    assert frac is None or 0.0 <= frac <= 1.0
