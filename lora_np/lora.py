@@ -170,6 +170,8 @@ class LoRALinear(Module):
             return y
         y, cache = F.lora_linear_forward(x, self.W, self.bias, self.A, self.B, self.scale,
                                          self._dropout_mask(x))
+        if cache.dropout_mask is not None and "W" not in self._grads:
+            cache = cache._replace(x=None)   # backward reads X̃ = X ⊙ mask, not X (W is frozen)
         self._store(("lora", cache), y.shape)
         return y
 

@@ -208,6 +208,18 @@ def test_frozen_linear_backward_skips_dW():
     np.testing.assert_allclose(dx, dy @ layer.W)
 
 
+def test_lora_with_dropout_caches_the_dropped_input_not_x():
+    # with W frozen, backward needs X̃ = X ⊙ mask (for dA) but never X itself
+    rng = np.random.default_rng(0)
+    layer = LoRALinear(Linear(16, 8, rng=rng), r=2, alpha=4, dropout=0.5, rng=rng)
+    x = rng.standard_normal((4, 16))
+    layer(x)
+    cache = layer.__dict__["_cache"][1]
+    assert cache.x is None and cache.xd is not None and cache.dropout_mask is not None
+    dx = layer.backward(np.ones((4, 8)))
+    assert dx.shape == x.shape
+
+
 def _step_memory(model, rank, d=256, rows=128):
     m, opt, x, target = build(BenchConfig(model, d, "float64", rank, rows))
     return bench._memory_of_step(m, opt, x, target)
