@@ -32,6 +32,11 @@ import os
 import sys
 import time
 import tracemalloc
+
+try:                                    # Unix only: page-fault counts of this process
+    import resource
+except ImportError:                     # pragma: no cover - Windows
+    resource = None
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -279,6 +284,8 @@ class BenchRow:
     state_bytes_model: int
     activation_bytes: int     # allocated by forward + loss and still held when backward starts
     peak_bytes: int           # highest allocation above the step's start, whole step
+    faults_per_step: float = 0.0   # minor page faults per timed step (memory the allocator
+                                   # had given back to the kernel, touched again)
     # LoRA / full ratios (None on full rows)
     time_ratio: float | None = None
     flop_ratio: float | None = None
@@ -337,12 +344,19 @@ def _median_seconds(fn, repeats: int, min_seconds: float = 0.2, max_repeats: int
 
 def _interleaved_medians(fns, repeats: int, min_seconds: float = 0.2, max_repeats: int = 300,
                          burst: int = 3):
-    """Median wall time of each ``fn`` in ``fns``, timed in rounds: every round runs each fn
-    ``burst`` times in a row, the first call untimed. Round-robin, so a slow drift of the
-    machine's load hits all of them alike and their *ratios* stay fair; in bursts, so every
-    timed call runs right after a call of the same fn, with its weights and buffers warm in
-    the caches, as in a training loop (strict alternation would time each step cold).
-    At least ``repeats`` timed calls each, more (up to ``max_repeats``) when fast."""
+    """Median wall time of each ``fn`` in ``fns`` (see ``_interleaved_timings``)."""
+    return _interleaved_timings(fns, repeats, min_seconds, max_repeats, burst)[0]
+
+
+def _interleaved_timings(fns, repeats: int, min_seconds: float = 0.2, max_repeats: int = 300,
+                         burst: int = 3):
+    """(median wall time, minor page faults per call) of each ``fn`` in ``fns``, timed in
+    rounds: every round runs each fn ``burst`` times in a row, the first call untimed.
+    Round-robin, so a slow drift of the machine's load hits all of them alike and their
+    *ratios* stay fair; in bursts, so every timed call runs right after a call of the same fn,
+    with its weights and buffers warm in the caches, as in a training loop (strict alternation
+    would time each step cold). At least ``repeats`` timed calls each, more (up to
+    ``max_repeats``) when fast."""
     t0 = time.perf_counter()
     for fn in fns:
         fn()
@@ -350,15 +364,25 @@ def _interleaved_medians(fns, repeats: int, min_seconds: float = 0.2, max_repeat
     n = max(repeats, min(max_repeats, int(min_seconds / max(one_call, 1e-9))))
     timed = max(1, burst - 1)
     times = [[] for _ in fns]
+    faults = [0] * len(fns)
     gc.collect()
     for _ in range(-(-n // timed)):
-        for fn, ts in zip(fns, times):
+        for i, (fn, ts) in enumerate(zip(fns, times)):
             fn()
+            f0 = _minor_faults()
             for _ in range(timed):
                 t0 = time.perf_counter()
                 fn()
                 ts.append(time.perf_counter() - t0)
-    return [float(np.median(ts)) for ts in times]
+            faults[i] += _minor_faults() - f0
+    return ([float(np.median(ts)) for ts in times],
+            [f / len(ts) for f, ts in zip(faults, times)])
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing). A minor
+    fault is the kernel handing a page back to memory the allocator had returned to it."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 def _matmul_fn(rows: int, d: int, dtype):
@@ -402,18 +426,18 @@ def run_group(group: list[BenchConfig], repeats: int) -> list[BenchRow]:
     c0 = group[0]
     built = [build(c) for c in group]
     steps = [lambda m=m, o=o, x=x, t=t: train_step(m, o, x, t) for m, o, x, t in built]
-    *seconds, matmul_s = _interleaved_medians(
+    (*seconds, matmul_s), faults = _interleaved_timings(
         steps + [_matmul_fn(c0.rows, c0.d, np.dtype(c0.dtype))], repeats)
     matmul_rate = 2 * c0.rows * c0.d * c0.d / matmul_s / 1e9
     rows = []
-    for c, (model, opt, x, target), s in zip(group, built, seconds):
+    for c, (model, opt, x, target), s, f in zip(group, built, seconds, faults):
         held, peak = _memory_of_step(model, opt, x, target)
         flops = c.flops()
         rows.append(BenchRow(model=c.model, dtype=c.dtype, d=c.d, method=c.method, rank=c.rank,
                              rows=c.rows, ms=s * 1e3, flops=flops, gflops=flops / s / 1e9,
                              matmul_gflops=matmul_rate, state_bytes=measured_state_bytes(model, opt),
                              state_bytes_model=c.state_bytes_model(),
-                             activation_bytes=held, peak_bytes=peak))
+                             activation_bytes=held, peak_bytes=peak, faults_per_step=f))
     return rows
 
 
@@ -519,7 +543,7 @@ def _fmt_ratio(x, digits=3):
 
 _COLUMNS = ("block", "dtype", "d", "method", "ms/step", "GFLOP", "GFLOP/s", "% matmul",
             "state MiB", "act MiB", "peak MiB", "t/t_full", "FLOP model", "t ratio/model",
-            "state/full", "byte model", "peak/full", "state+peak/full")
+            "state/full", "byte model", "peak/full", "state+peak/full", "faults/step")
 
 
 def _cells(r: BenchRow) -> list[str]:
@@ -529,7 +553,7 @@ def _cells(r: BenchRow) -> list[str]:
             f"{r.activation_bytes / mib:.2f}", f"{r.peak_bytes / mib:.2f}",
             _fmt_ratio(r.time_ratio), _fmt_ratio(r.flop_ratio), _fmt_ratio(r.time_vs_model, 2),
             _fmt_ratio(r.state_ratio, 4), _fmt_ratio(r.state_ratio_model, 4),
-            _fmt_ratio(r.peak_ratio), _fmt_ratio(r.memory_ratio)]
+            _fmt_ratio(r.peak_ratio), _fmt_ratio(r.memory_ratio), f"{r.faults_per_step:.0f}"]
 
 
 def format_table(rows: list[BenchRow]) -> str:
@@ -548,12 +572,18 @@ def markdown_table(rows: list[BenchRow]) -> str:
     return "\n".join(out)
 
 
+#: glibc settings that keep freed memory in the process instead of returning it to the kernel
+#: (which then page-faults it back in on the next step); read once, when Python starts
+MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+
+
 def _header(info: dict, rows: int, T: int, repeats: int) -> str:
+    malloc = ", ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "defaults"
     return (f"machine: {info['cpu_count']} cores (os.cpu_count()), BLAS {info['blas']} with "
-            f"{info['blas_threads']} threads, NumPy {info['numpy']}\n"
+            f"{info['blas_threads']} threads, NumPy {info['numpy']}, allocator {malloc}\n"
             f"step = zero_grad + forward + MSE loss + backward + Adam; MLP d→d→d on N={rows} rows, "
-            f"attention on {rows // T}×{T} tokens (d_head 64); median of ≥{repeats} timed steps, run in bursts "
-            f"(a warm-up step of the same model first), round-robin over the methods\n"
+            f"attention on {rows // T}×{T} tokens (d_head 64); median of ≥{repeats} timed steps, "
+            f"run in bursts (a warm-up step of the same model first), round-robin over the methods\n"
             f"% matmul = achieved GFLOP/s over np.matmul ({rows}, d) @ (d, d) in the same dtype, "
             f"same run; t ratio/model = (t_LoRA/t_full) / (FLOPs_LoRA/FLOPs_full)")
 
