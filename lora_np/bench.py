@@ -47,11 +47,12 @@ from .counting import total_state_bytes
 from .lora import add_lora
 from .modules import MLP, MultiHeadAttention
 from .optim import Adam
+from .plots import plot_bench
 
 __all__ = ["linear_step_flops", "lora_linear_step_flops", "mlp_step_flops",
            "attention_step_flops", "adam_flops", "state_bytes_model", "measured_state_bytes",
            "BenchConfig", "BenchRow", "build", "train_step", "run_group", "run", "configs", "format_table",
-           "markdown_table", "plot_results", "main",
+           "markdown_table", "main",
            "ADAM_FLOPS_PER_PARAM", "GELU_FORWARD_FLOPS", "GELU_BACKWARD_FLOPS", "MSE_FLOPS",
            "SOFTMAX_FORWARD_FLOPS", "SOFTMAX_BACKWARD_FLOPS", "ATTENTION_TARGETS", "MLP_TARGETS"]
 
@@ -607,72 +608,6 @@ def target_summary(rows: list[BenchRow], d: int = 1024, dtype: str = "float32", 
     return "\n".join(lines)
 
 
-def plot_results(rows: list[BenchRow], path, dtype: str = "float32"):
-    """Three panels for ``dtype``: ms/step vs width, % of the matmul rate vs width, and the
-    LoRA/full ratios (time, FLOP model, state bytes, peak memory) at the largest width.
-    Saves to ``path`` and returns the Figure."""
-    import matplotlib
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if r.dtype == dtype]
-    if not rows:
-        raise ValueError(f"plot_results: no rows in dtype {dtype!r}")
-    methods = list(dict.fromkeys(r.method for r in rows))
-    styles = {"mlp": "-", "attention": "--"}
-    fig, axes = plt.subplots(1, 3, figsize=(19, 6.2))
-    for model in ("mlp", "attention"):
-        for i, method in enumerate(methods):
-            sel = sorted((r for r in rows if r.model == model and r.method == method), key=lambda r: r.d)
-            if not sel:
-                continue
-            kw = dict(ls=styles[model], marker="o", color=f"C{i}", lw=2, label=f"{model}, {method}")
-            axes[0].plot([r.d for r in sel], [r.ms for r in sel], **kw)
-            axes[1].plot([r.d for r in sel], [100 * r.frac_matmul for r in sel], **kw)
-    widths = sorted({r.d for r in rows})
-    for ax in axes[:2]:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(widths, [str(w) for w in widths])
-        ax.minorticks_off()
-        ax.set_xlabel("width d")
-        ax.grid(True, alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("ms per training step (median)")
-    axes[0].set_title("Step time")
-    axes[1].set_ylabel("% of plain np.matmul GFLOP/s")
-    axes[1].set_title("Achieved rate (FLOP model / time)")
-    axes[1].axhline(70, color="gray", ls=":", lw=1.5)
-    axes[1].text(widths[0], 71, "target 70%", color="gray", fontsize=11)
-    axes[0].legend(fontsize=10, ncol=2)
-
-    d_max = max(r.d for r in rows)
-    lora = [r for r in rows if r.d == d_max and r.rank is not None]
-    labels = [f"{r.model}\nr={r.rank}" for r in lora]
-    x = np.arange(len(lora))
-    bars = [("time", [r.time_ratio for r in lora]), ("FLOP model", [r.flop_ratio for r in lora]),
-            ("state bytes (= byte model)", [r.state_ratio for r in lora]),
-            ("step peak memory", [r.peak_ratio for r in lora]),
-            ("state + peak", [r.memory_ratio for r in lora])]
-    w = 0.16
-    for j, (name, vals) in enumerate(bars):
-        axes[2].bar(x + (j - 2) * w, vals, w, label=name, color=f"C{j + 4}")
-    axes[2].set_xticks(x, labels)
-    axes[2].axhline(1.0, color="black", lw=1)
-    axes[2].set_ylabel("LoRA / full fine-tuning")
-    axes[2].set_title(f"LoRA vs full at d = {d_max}")
-    axes[2].legend(fontsize=10, loc="upper left")
-    axes[2].set_ylim(0, 1.45)
-    for ax in axes:
-        ax.title.set_fontsize(15)
-        ax.xaxis.label.set_fontsize(13)
-        ax.yaxis.label.set_fontsize(13)
-        ax.tick_params(labelsize=11)
-    fig.suptitle(f"One training step (forward, loss, backward, Adam), {dtype}, "
-                 f"{os.cpu_count()} cores", fontsize=16)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return fig
 
 
 def _int_list(text: str) -> list[int]:
@@ -743,7 +678,7 @@ def main(argv=None) -> list[BenchRow]:
         written = [md]
         for dtype in args.dtypes:
             png = out / f"bench_{dtype}.png"
-            plot_results(rows, png, dtype)
+            plot_bench(rows, dtype, path=png)
             written.append(png)
         print("wrote " + ", ".join(str(w) for w in written))
     return rows

@@ -1,14 +1,23 @@
-"""Figures of a rank sweep (``lora_np.experiments``): every function draws one figure from a
-``SweepResult``, returns the matplotlib ``Figure`` and, given ``path``, saves it as a PNG.
+"""Every figure of lora_np: each function draws one figure from numbers the library computed,
+returns the matplotlib ``Figure`` and, given ``path``, saves it there as a PNG.
 
 Figures are made with ``matplotlib.figure.Figure`` directly, not through pyplot, so nothing
-stays open after a script or test (no ``plt.close`` needed), and they are sized and styled to
-be read on a projector (``plots_teaching.TEACHING_STYLE``). ``save_figures`` writes them all;
-``python -m lora_np`` calls it with ``figures/``.
+stays open after a script or test (no ``plt.close`` needed) and a notebook shows each figure
+once, as the returned value. They are sized and styled to be read on a projector
+(``TEACHING_STYLE``) and saved without a version string, so rerunning writes the same bytes.
+Nothing here computes the math a notebook teaches: the figures only show it.
+
+Sections, in the order a reader meets them:
+
+* rank sweep (``lora_np.experiments``; ``python -m lora_np`` calls ``save_figures``);
+* notebooks 01–03: images, Eckart–Young, counts, heat maps, spectra, gradient-check errors;
+* notebook 07 (``lora_np.variants``): rsLoRA, LoRA+, PiSSA, DoRA;
+* the benchmark (``python -m lora_np.bench``).
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import matplotlib as mpl
@@ -18,10 +27,26 @@ from matplotlib.figure import Figure
 from .analysis import random_subspace_baseline, row_space_basis, singular_values, subspace_similarity_grid
 from .counting import training_state_bytes
 from .experiments import SweepResult, lora_formula_params
-from .plots_teaching import TEACHING_STYLE
 
-__all__ = ["plot_loss_vs_rank", "plot_loss_curves", "plot_delta_spectra", "plot_subspace_similarity",
-           "plot_param_counts", "save_figures", "FIGURE_NAMES"]
+__all__ = ["TEACHING_STYLE", "FIGURE_NAMES", "save_figures",
+           # rank sweep
+           "plot_loss_vs_rank", "plot_loss_curves", "plot_delta_spectra", "plot_subspace_similarity",
+           "plot_param_counts",
+           # notebooks 01-03
+           "plot_images", "plot_eckart_young", "plot_param_count_comparison", "plot_scale_vs_rank",
+           "plot_heatmaps", "plot_softmax_jacobian", "plot_spectra", "plot_fd_error_vs_h",
+           "plot_gradcheck_errors",
+           # notebook 07
+           "plot_first_update_size", "plot_rank_scaling", "plot_loraplus", "plot_pissa", "plot_dora",
+           # benchmark
+           "plot_bench"]
+
+#: rc settings for figures that are read on a projector: big fonts, thick lines
+TEACHING_STYLE = {
+    "font.size": 14, "axes.titlesize": 16, "axes.labelsize": 15, "xtick.labelsize": 13,
+    "ytick.labelsize": 13, "legend.fontsize": 12, "lines.linewidth": 2.2, "lines.markersize": 7,
+    "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": 100, "savefig.dpi": 110,
+}
 
 #: file name of each figure that ``save_figures`` writes
 FIGURE_NAMES = {
@@ -32,24 +57,63 @@ FIGURE_NAMES = {
     "param_counts": "sweep_param_counts.png",
 }
 
-_FULL = dict(color="black", ls="--", lw=2.2)
+#: losses are drawn on a log axis; anything below this is drawn at this value (notebook 07)
+LOSS_FLOOR = 1e-6
+_COLORS = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
-def _figure(ncols=1, figsize=(9, 5.5)):
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _figure(nrows=1, ncols=1, figsize=(9, 5.5), **kw):
+    """A Figure that pyplot does not track, and its axes (``Figure.subplots`` arguments)."""
     fig = Figure(figsize=figsize)
-    axes = fig.subplots(1, ncols)
-    return fig, axes
+    return fig, fig.subplots(nrows, ncols, **kw)
 
 
-def _finish(fig, path):
-    """Lay out, save to ``path`` (creating its folder) if given, return ``fig``."""
-    fig.tight_layout()
+def _constrained_row(ncols=1, figsize=(9, 5.5), **kw):
+    """A Figure with constrained layout (room for a suptitle) and a 1-D array of ``ncols`` axes."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.subplots(1, ncols, squeeze=False, **kw)[0]
+
+
+def _save(fig, path, dpi=None):
+    """Save ``fig`` to ``path`` (creating the folder) if a path is given; return ``fig``.
+    No "Software" metadata: the PNG's bytes do not depend on the matplotlib version."""
     if path is not None:
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=TEACHING_STYLE["savefig.dpi"], bbox_inches="tight",
+        fig.savefig(path, dpi=dpi or TEACHING_STYLE["savefig.dpi"], bbox_inches="tight",
                     metadata={"Software": None})
     return fig
+
+
+def _tight_save(fig, path):
+    """Lay out with ``tight_layout``, then ``_save``."""
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save_titled(fig, path, title=None):
+    """Add a figure title (for constrained-layout figures), then ``_save``."""
+    if title:
+        fig.suptitle(title, fontsize=17)
+    return _save(fig, path)
+
+
+def _suptitle(fig, text):
+    """Lay out the axes, leaving room at the top for a figure title if there is one."""
+    if text:
+        fig.suptitle(text, fontsize=17)
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
+    else:
+        fig.tight_layout()
+
+
+# --------------------------------------------------------------------------- rank sweep
+
+
+_FULL = dict(color="black", ls="--", lw=2.2)
 
 
 def _check(result):
@@ -93,7 +157,7 @@ def plot_loss_vs_rank(result: SweepResult, path=None) -> Figure:
     val = [res.lora[r].final_val_loss / L0 for r in ranks]
     old = [res.lora[r].old_task_loss for r in ranks]
     with mpl.rc_context(TEACHING_STYLE):
-        fig, (ax1, ax2) = _figure(2, figsize=(15, 5.8))
+        fig, (ax1, ax2) = _figure(1, 2, figsize=(15, 5.8))
         ax1.plot(ranks, val, "o-", color="C0", ms=9, label="LoRA")
         ax1.axhline(res.full.final_val_loss / L0, label="full fine-tuning", **_FULL)
         ax1.axhline(res.task.noise_floor / L0, color="gray", ls=":", lw=2, label="noise floor (noise² / L₀)")
@@ -109,7 +173,7 @@ def plot_loss_vs_rank(result: SweepResult, path=None) -> Figure:
         ax2.set(xlabel="LoRA rank r", ylabel="task A loss (MSE; 0 before fine-tuning)",
                 title="Task A: forgetting")
         ax2.legend(loc="lower right")
-    return _finish(fig, path)
+    return _tight_save(fig, path)
 
 
 def _smooth(values, window):
@@ -140,7 +204,7 @@ def plot_loss_curves(result: SweepResult, window: int = 10, path=None) -> Figure
         ax.set(xlabel="training step", ylabel="training loss ÷ L₀",
                title=f"Loss curves (true rank k = {res.task.true_rank}; running mean of {window} steps)")
         ax.legend(loc="upper right", ncol=2)
-    return _finish(fig, path)
+    return _tight_save(fig, path)
 
 
 # --------------------------------------------------------------------------- ΔW
@@ -179,7 +243,7 @@ def plot_delta_spectra(result: SweepResult, layer: str | None = None, ranks=None
         ax.set(xlabel="index i (log scale)", ylabel=f"singular value σᵢ of ΔW",
                title=f"Spectrum of the learned update ΔW of {name}")
         ax.legend(loc="lower left", ncol=2)
-    return _finish(fig, path)
+    return _tight_save(fig, path)
 
 
 def plot_subspace_similarity(result: SweepResult, r_small: int = 8, r_large: int | None = None,
@@ -224,7 +288,7 @@ def plot_subspace_similarity(result: SweepResult, r_small: int = 8, r_large: int
     # φ against ΔW* is only defined up to i = k (ΔW* has k directions): past k it is
     # ‖·‖²_F / min(i, k), so the curve stays flat; draw it only up to k
     with mpl.rc_context(TEACHING_STYLE):
-        fig, (ax1, ax2) = _figure(2, figsize=(19, 6.2))
+        fig, (ax1, ax2) = _figure(1, 2, figsize=(19, 6.2))
         im = ax1.imshow(zoom, vmin=0, vmax=1, cmap="magma", aspect="auto", origin="lower",
                         extent=(0.5, zoom.shape[1] + 0.5, 0.5, zoom.shape[0] + 0.5))
         for (a, b), v in np.ndenumerate(zoom):
@@ -247,7 +311,7 @@ def plot_subspace_similarity(result: SweepResult, r_small: int = 8, r_large: int
         ax2.set(xlabel="i = j (number of top directions compared)", ylabel="φ(i, i)",
                 title="Shared top directions vs chance")
         ax2.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=12)
-    return _finish(fig, path)
+    return _tight_save(fig, path)
 
 
 # --------------------------------------------------------------------------- counts
@@ -265,7 +329,7 @@ def plot_param_counts(result: SweepResult, path=None) -> Figure:
     r_line = np.arange(1, max(ranks) + 1)
     formula = [lora_formula_params(res.task, int(r), targets) for r in r_line]
     with mpl.rc_context(TEACHING_STYLE):
-        fig, (ax1, ax2) = _figure(2, figsize=(15, 5.8))
+        fig, (ax1, ax2) = _figure(1, 2, figsize=(15, 5.8))
         per_rank = formula[0]
         ax1.plot(r_line, formula, color="C0", label=f"Σ r·(d_in + d_out) = {per_rank} r")
         ax1.plot(ranks, [res.lora[r].trainable_params for r in ranks], "o", color="C0", ms=10,
@@ -285,7 +349,7 @@ def plot_param_counts(result: SweepResult, path=None) -> Figure:
                 title="Training state: params + grads + Adam m, v")
         _rank_axis(ax2, ranks, k)
         ax2.legend(loc="lower right")
-    return _finish(fig, path)
+    return _tight_save(fig, path)
 
 
 # --------------------------------------------------------------------------- all of them
@@ -304,3 +368,426 @@ def save_figures(result: SweepResult, out_dir="figures", prefix: str = "") -> di
     plot_subspace_similarity(res, r_small=min(r_small, max(res.ranks)), path=paths["subspace_similarity"])
     plot_param_counts(res, path=paths["param_counts"])
     return paths
+
+
+# --------------------------------------------------------------------- notebooks 01-03
+
+
+def _check_1d_positive(name, values):
+    a = np.asarray(values, dtype=np.float64)
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {a.shape}")
+    return a
+
+
+# --------------------------------------------------------------------- notebook 01
+
+
+def plot_images(images, titles, suptitle=None, ncols=None, path=None):
+    """A row (or grid) of grayscale images, e.g. rank-r approximations of a photograph.
+
+    images : sequence of (h, w) arrays (same colour range, shown with vmin/vmax of the first)
+    titles : one string per image
+    """
+    images = [np.asarray(im) for im in images]
+    if len(images) != len(titles) or not images:
+        raise ValueError(f"need one title per image, got {len(images)} images and {len(titles)} titles")
+    ncols = ncols or len(images)
+    nrows = -(-len(images) // ncols)
+    vmin, vmax = float(images[0].min()), float(images[0].max())
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, axes = _figure(nrows, ncols, figsize=(3.6 * ncols, 4.6 * nrows + 0.8),
+                                 squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, im, title in zip(axes.flat, images, titles):
+            ax.imshow(im, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_title(title, fontsize=13)
+        _suptitle(fig, suptitle)
+    return _save(fig, path)
+
+
+def plot_eckart_young(sigma, ranks, measured, name="the matrix", path=None):
+    """Left: singular values σ_i of a matrix M (log scale). Right: the relative error of the
+    best rank-r approximation, ‖M − M_r‖_F / ‖M‖_F, as predicted by Eckart–Young,
+    √(Σ_{i>r} σ_i²) / √(Σ σ_i²) (line), and as measured (dots, one per entry of ``ranks``).
+
+    sigma : (p,) singular values, descending;  ranks : (m,) ints;  measured : (m,) errors;
+    name : what the matrix is, for the left panel's title
+    """
+    sigma = _check_1d_positive("sigma", sigma)
+    ranks, measured = np.asarray(ranks), _check_1d_positive("measured", measured)
+    if ranks.shape != measured.shape:
+        raise ValueError(f"ranks {ranks.shape} and measured {measured.shape} must have one entry each")
+    tail = np.sqrt(np.concatenate([np.cumsum((sigma**2)[::-1])[::-1], [0.0]]))   # tail[r] = √Σ_{i>r} σ_i²
+    predicted = tail / tail[0]
+    r_all = np.arange(sigma.size + 1)
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, (ax1, ax2) = _figure(1, 2, figsize=(13, 4.8))
+        ax1.semilogy(np.arange(1, sigma.size + 1), sigma, color="C0")
+        ax1.set(xlabel="index i", ylabel="singular value σᵢ", title=f"Singular values of {name}")
+        ax2.plot(r_all, predicted, color="C0", label="Eckart–Young: √(Σ_{i>r} σᵢ²) / ‖M‖_F")
+        ax2.plot(ranks, measured, "o", color="C3", markersize=9, label="measured ‖M − M_r‖_F / ‖M‖_F")
+        ax2.set_xscale("symlog", linthresh=1)
+        ax2.set_ylim(0, 1.02)
+        ax2.set(xlabel="rank r (symlog scale)", ylabel="relative error",
+                title="Error of the best rank-r approximation")
+        ax2.legend(loc="upper right")
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_param_count_comparison(ranks, lora_counts, full_counts, title=None, path=None):
+    """Trainable numbers of one adapted matrix: LoRA's r·(d_in + d_out) against rank (lines)
+    and full fine-tuning's d_in·d_out (dashed, same colour), for several matrix sizes.
+
+    ranks : (m,) ints;  lora_counts : dict label -> (m,) counts;  full_counts : dict label -> int
+    """
+    ranks = np.asarray(ranks)
+    if set(lora_counts) != set(full_counts):
+        raise ValueError("lora_counts and full_counts must have the same labels, got "
+                         f"{sorted(lora_counts)} and {sorted(full_counts)}")
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, ax = _figure(figsize=(9, 5.5))
+        for i, label in enumerate(lora_counts):
+            color = f"C{i}"
+            ax.loglog(ranks, lora_counts[label], "o-", color=color, label=f"LoRA, {label}")
+            ax.axhline(full_counts[label], color=color, ls="--", lw=1.8)
+            ax.text(ranks[0], full_counts[label] * 1.25, f"full fine-tuning, {label}",
+                    color=color, fontsize=12)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set(xlabel="rank r", ylabel="trainable numbers per matrix",
+               title=title or "LoRA r·(d_in + d_out) vs full d_in·d_out")
+        ax.set_ylim(top=max(full_counts.values()) * 4)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_scale_vs_rank(ranks, sizes, ylabel, title, path=None):
+    """One line per scaling rule: a size (e.g. ‖ΔW‖_F after one optimizer step) against rank,
+    log–log. ``sizes`` : dict label -> (m,) values."""
+    ranks = np.asarray(ranks)
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, ax = _figure(figsize=(9, 5.5))
+        for i, (label, ys) in enumerate(sizes.items()):
+            ax.loglog(ranks, ys, "o-", color=f"C{i}", label=label)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set(xlabel="rank r", ylabel=ylabel, title=title)
+        ax.legend()
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------- notebook 02
+
+
+def plot_heatmaps(matrices, suptitle=None, path=None, cmap="RdBu_r"):
+    """Side-by-side heatmaps, each with its own symmetric colour range and colour bar.
+
+    matrices : dict title -> 2-D array
+    """
+    if not matrices:
+        raise ValueError("plot_heatmaps needs at least one matrix")
+    n = len(matrices)
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, axes = _figure(1, n, figsize=(4.6 * n, 4.4), squeeze=False)
+        for ax, (title, M) in zip(axes[0], matrices.items()):
+            M = np.asarray(M)
+            if M.ndim != 2:
+                raise ValueError(f"plot_heatmaps: {title!r} must be 2-D, got shape {M.shape}")
+            lim = float(np.abs(M).max()) or 1.0
+            im = ax.imshow(M, cmap=cmap, vmin=-lim, vmax=lim)
+            ax.set_title(title)
+            ax.grid(False)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        _suptitle(fig, suptitle)
+    return _save(fig, path)
+
+
+def plot_softmax_jacobian(p, J, path=None):
+    """Left: the probabilities p of one softmax row (bars). Right: its Jacobian
+    J = diag(p) − p pᵀ as an annotated heatmap (red positive, blue negative).
+
+    p : (T,);  J : (T, T)
+    """
+    p, J = np.asarray(p, dtype=np.float64), np.asarray(J, dtype=np.float64)
+    T = p.size
+    if J.shape != (T, T):
+        raise ValueError(f"J must have shape ({T}, {T}) to match p, got {J.shape}")
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, (ax1, ax2) = _figure(1, 2, figsize=(13, 5.6), gridspec_kw={"width_ratios": [1, 1.35]})
+        ax1.bar(np.arange(T), p, color="C0")
+        ax1.set(xlabel="key j", ylabel="probability pⱼ", title="softmax of one row of scores",
+                xticks=np.arange(T))
+        lim = float(np.abs(J).max())
+        im = ax2.imshow(J, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        for i in range(T):
+            for j in range(T):
+                ax2.text(j, i, f"{J[i, j]:+.3f}", ha="center", va="center", fontsize=11,
+                         color="white" if abs(J[i, j]) > 0.6 * lim else "black")
+        ax2.set(xlabel="score j", ylabel="probability i", xticks=np.arange(T), yticks=np.arange(T),
+                title="Jacobian ∂pᵢ/∂Sⱼ = pᵢ(δᵢⱼ − pⱼ)")
+        ax2.grid(False)
+        fig.colorbar(im, ax=ax2, fraction=0.046, pad=0.04)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_spectra(spectra, title, floor=1e-17, path=None, ylabel="singular value σᵢ"):
+    """Singular values of several matrices on a log axis, one marker line per matrix.
+    Values below ``floor`` (exact zeros) are drawn at ``floor``; a grey band marks the
+    round-off level (below 1e-12 relative to the largest value).
+
+    spectra : dict label -> (p,) singular values, descending
+    """
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, ax = _figure(figsize=(9, 5.5))
+        top = max(float(np.max(s)) for s in spectra.values())
+        ax.axhspan(floor, top * 1e-12, color="0.85", zorder=0)
+        ax.text(1, top * 1e-13, "round-off: numerically zero", color="0.35", fontsize=12,
+                va="top")
+        markers = "osD^v"
+        for i, (label, s) in enumerate(spectra.items()):
+            s = np.maximum(np.asarray(s, dtype=np.float64), floor)
+            ax.semilogy(np.arange(1, s.size + 1), s, marker=markers[i % len(markers)],
+                        color=f"C{i}", label=label, alpha=0.9)
+        ax.set(xlabel="index i", ylabel=ylabel, title=title)
+        ax.set_ylim(floor * 0.5, top * 5)
+        ax.legend(loc="center right")
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------- notebook 03
+
+
+def plot_fd_error_vs_h(hs, errors, references=None, title=None, path=None):
+    """Relative error of a finite-difference gradient against the step h, log–log.
+
+    hs : (m,) steps;  errors : dict label -> (m,) relative errors (solid lines with markers);
+    references : dict label -> (m,) model curves, thin lines: the first two dotted grey (meant for
+    truncation terms), the next two dash-dotted in the colours of the first and third measured
+    curves (meant for the round-off terms of float64 and float32).
+    """
+    hs = _check_1d_positive("hs", hs)
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, ax = _figure(figsize=(14, 6.5))
+        for i, (label, e) in enumerate(errors.items()):
+            ax.loglog(hs, np.maximum(e, 1e-17), "o-", color=f"C{i}", label=label)
+        styles = [(":", "0.25"), (":", "0.55"), ("-.", "C0"), ("-.", "C2")]
+        for j, (label, e) in enumerate((references or {}).items()):
+            ls, color = styles[j % len(styles)]
+            ax.loglog(hs, e, ls, color=color, lw=1.8, alpha=0.8, label=label)
+        ax.set(xlabel="step h", ylabel="relative error of the gradient",
+               title=title or "Finite differences: error vs step size")
+        ax.set_ylim(1e-12, 30)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=12,
+                  title="measured  /  model", title_fontsize=12)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_gradcheck_errors(results, threshold, path=None):
+    """Every relative error of a gradient check, one row per layer/block, log x axis, with the
+    pass threshold as a vertical line.
+
+    results : list of (title, rows) with rows from ``lora_np.gradcheck.check_gradients``; rows
+    whose name ends with ``(=0)`` (structural zeros, absolute error) are drawn as crosses.
+    """
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, ax = _figure(figsize=(11, 0.55 * len(results) + 1.8))
+        for y, (title, rows) in enumerate(results):
+            rel = [r.rel_error for r in rows if not r.name.endswith("(=0)")]
+            zero = [r.rel_error for r in rows if r.name.endswith("(=0)")]
+            ax.semilogx(np.maximum(rel, 1e-16), [y] * len(rel), "o", color="C0", alpha=0.7)
+            if zero:
+                ax.semilogx(np.maximum(zero, 1e-16), [y] * len(zero), "x", color="C1",
+                            markersize=10, mew=2.5)
+        ax.axvline(threshold, color="C3", lw=2.5)
+        ax.text(threshold * 1.3, -0.6, f"threshold {threshold:.0e}", color="C3", fontsize=12)
+        ax.plot([], [], "o", color="C0", label="relative error of one gradient")
+        ax.plot([], [], "x", color="C1", mew=2.5, label="key bias: max |a − n| (true gradient 0)")
+        ax.set_yticks(range(len(results)), [t for t, _ in results], fontsize=11)
+        ax.set_ylim(len(results) - 0.4, -1.0)
+        ax.set_xlim(1e-12, 1e-2)
+        ax.set(xlabel="relative error ‖a − n‖ / (‖a‖ + ‖n‖)  (a analytic, n numerical)",
+               title="Every gradient of every layer vs finite differences (float64)")
+        ax.legend(loc="lower right", fontsize=11)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------- notebook 07 (variants)
+
+
+def _loss_curve(ax, losses, **kw):
+    steps = np.arange(len(losses))
+    ax.semilogy(steps, np.maximum(losses, LOSS_FLOOR), **kw)
+
+
+def _floor_line(ax, value, color, label=None):
+    if value > LOSS_FLOOR:
+        ax.axhline(value, color=color, linestyle=":", linewidth=1.8, label=label)
+
+
+def plot_first_update_size(result, path=None):
+    """Per-example size of the first update vs rank (log–log), both scalings, with the theory."""
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, (ax,) = _constrained_row(figsize=(9.5, 6))
+        rng = np.random.default_rng(0)                        # jitter only, for visibility
+        for color, (label, sizes) in zip(_COLORS, result.sizes.items()):
+            jitter = np.exp(0.08 * rng.standard_normal(sizes.shape))
+            ax.scatter((result.ranks[:, None] * jitter).ravel(), sizes.ravel(), s=10, alpha=0.25,
+                       color=color)
+            slope = round(result.slope(label), 2) + 0.0            # + 0.0: no "-0.00"
+            ax.loglog(result.ranks, result.mean(label), "o-", color=color,
+                      label=f"s = {label}: mean over examples (slope {slope:.2f})")
+            ax.loglog(result.ranks, result.predicted[label], "--", color=color, linewidth=1.6,
+                      label=f"s = {label}: theory s²·r·‖x‖²/(3 d_in)")
+        ax.set_xticks(result.ranks, [str(r) for r in result.ranks])
+        ax.minorticks_off()
+        ax.set_xlabel("rank r")
+        ax.set_ylabel("‖Δy‖ / (η ‖∂L/∂y‖)  (output change per unit step)")
+        ax.legend(loc="lower left")
+        title = f"First SGD step from B = 0 (α = {result.alpha:g}, d_in = {result.d_in})"
+        return _save_titled(fig, path, title=title)
+
+
+def plot_rank_scaling(result, path=None):
+    """Loss curves for each rank: left α/r, right α/√r; dotted lines are rank-r floors."""
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, axes = _constrained_row(ncols=len(result.curves), figsize=(14, 5.8), sharey=True)
+        for ax, (label, curves) in zip(axes, result.curves.items()):
+            for color, r, losses, floor in zip(_COLORS, result.ranks, curves, result.floors):
+                _loss_curve(ax, losses, color=color, label=f"r = {r}")
+                _floor_line(ax, floor, color)
+            ax.set_title(f"s = {label}")
+            ax.set_xlabel("Adam step")
+        axes[0].set_ylabel("training MSE (log)")
+        axes[0].legend(title="dotted: rank-r floor", loc="lower left")
+        c = result.config
+        return _save_titled(fig, path, title=f"Rank sweep, same α = {c['alpha']:g} and lr = {c['lr']:g}")
+
+
+def plot_loraplus(result, curve_lr=1e-3, step=25, path=None):
+    """Left: loss curves at lr_A = ``curve_lr`` for each λ. Right: loss at ``step`` vs lr_A."""
+    j = int(np.argmin(np.abs(np.log(result.lrs / curve_lr))))
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, (ax1, ax2) = _constrained_row(ncols=2, figsize=(14, 5.8))
+        table = result.loss_at(step)
+        for color, lam, curves, row in zip(_COLORS, result.ratios, result.curves, table):
+            _loss_curve(ax1, curves[j], color=color, label=f"λ = {lam:g}")
+            ok = np.isfinite(row)
+            ax2.loglog(result.lrs[ok], row[ok], "o-", color=color, label=f"λ = {lam:g}")
+        ax1.set_title(f"lr_A = {result.lrs[j]:g}, lr_B = λ·lr_A")
+        ax1.set_xlabel("Adam step")
+        ax1.set_ylabel("training MSE (log)")
+        ax1.legend()
+        ax2.set_title(f"loss after {step} steps")
+        ax2.set_xlabel("lr_A (log)")
+        ax2.set_ylabel("training MSE (log)")
+        ax2.legend()
+        r = result.config.get("r")
+        return _save_titled(fig, path, title=f"LoRA+: B learns λ times faster than A (r = {r})")
+
+
+def _curve_panels(result, titles, path, suptitle, names=None):
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, axes = _constrained_row(ncols=len(result.curves), figsize=(14, 5.8), sharey=True)
+        for ax, (task, curves) in zip(axes, result.curves.items()):
+            for i, (label, losses) in enumerate(curves.items()):
+                color, name = _COLORS[i], (names or {}).get(label, label)
+                _loss_curve(ax, losses, color=color, label=name)
+                if label in result.floors[task]:
+                    _floor_line(ax, result.floors[task][label], color, label=f"{name}: rank-r floor")
+            ax.set_title(titles.get(task, task))
+            ax.set_xlabel("Adam step")
+            ax.legend(loc="lower left")
+        axes[0].set_ylabel("training MSE (log)")
+        return _save_titled(fig, path, title=suptitle)
+
+
+def plot_pissa(result, path=None):
+    """PiSSA vs default init on the principal-shift and random-shift tasks."""
+    titles = {"principal": "shift along W₀'s top directions", "random": "shift in random directions"}
+    c = result.config
+    names = {"kaiming": "default init (B = 0)", "pissa": "PiSSA init"}
+    return _curve_panels(result, titles, path,
+                         f"PiSSA vs default init (r = {c['r']}, same α and lr; y floored at {LOSS_FLOOR:g})",
+                         names=names)
+
+
+def plot_dora(result, path=None):
+    """LoRA vs DoRA (exact and detached) on the random-shift and row-rescale tasks."""
+    titles = {"random": "full-rank random shift", "rescale": "rows of W₀ rescaled"}
+    c = result.config
+    return _curve_panels(result, titles, path, f"LoRA vs DoRA (r = {c['r']}, same α and lr)")
+
+
+# --------------------------------------------------------------------- benchmark
+
+
+def plot_bench(rows, dtype: str = "float32", path=None) -> Figure:
+    """Three panels for ``dtype``: ms/step vs width, % of the matmul rate vs width, and the
+    LoRA/full ratios (time, FLOP model, state bytes, peak memory) at the largest width.
+
+    ``rows`` are ``lora_np.bench.BenchRow`` objects (from ``bench.run``); only those of
+    ``dtype`` are drawn. Saves to ``path`` if given and returns the Figure."""
+    rows = [r for r in rows if r.dtype == dtype]
+    if not rows:
+        raise ValueError(f"plot_bench: no rows in dtype {dtype!r}")
+    methods = list(dict.fromkeys(r.method for r in rows))
+    styles = {"mlp": "-", "attention": "--"}
+    fig = Figure(figsize=(19, 6.2))
+    axes = fig.subplots(1, 3)
+    for model in ("mlp", "attention"):
+        for i, method in enumerate(methods):
+            sel = sorted((r for r in rows if r.model == model and r.method == method), key=lambda r: r.d)
+            if not sel:
+                continue
+            kw = dict(ls=styles[model], marker="o", color=f"C{i}", lw=2, label=f"{model}, {method}")
+            axes[0].plot([r.d for r in sel], [r.ms for r in sel], **kw)
+            axes[1].plot([r.d for r in sel], [100 * r.frac_matmul for r in sel], **kw)
+    widths = sorted({r.d for r in rows})
+    for ax in axes[:2]:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(widths, [str(w) for w in widths])
+        ax.minorticks_off()
+        ax.set_xlabel("width d")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("ms per training step (median)")
+    axes[0].set_title("Step time")
+    axes[1].set_ylabel("% of plain np.matmul GFLOP/s")
+    axes[1].set_title("Achieved rate (FLOP model / time)")
+    axes[1].axhline(70, color="gray", ls=":", lw=1.5)
+    axes[1].text(widths[0], 71, "target 70%", color="gray", fontsize=11)
+    axes[0].legend(fontsize=10, ncol=2)
+
+    d_max = max(r.d for r in rows)
+    lora = [r for r in rows if r.d == d_max and r.rank is not None]
+    labels = [f"{r.model}\nr={r.rank}" for r in lora]
+    x = np.arange(len(lora))
+    bars = [("time", [r.time_ratio for r in lora]), ("FLOP model", [r.flop_ratio for r in lora]),
+            ("state bytes (= byte model)", [r.state_ratio for r in lora]),
+            ("step peak memory", [r.peak_ratio for r in lora]),
+            ("state + peak", [r.memory_ratio for r in lora])]
+    w = 0.16
+    for j, (name, vals) in enumerate(bars):
+        axes[2].bar(x + (j - 2) * w, vals, w, label=name, color=f"C{j + 4}")
+    axes[2].set_xticks(x, labels)
+    axes[2].axhline(1.0, color="black", lw=1)
+    axes[2].set_ylabel("LoRA / full fine-tuning")
+    axes[2].set_title(f"LoRA vs full at d = {d_max}")
+    axes[2].legend(fontsize=10, loc="upper left")
+    axes[2].set_ylim(0, 1.45)
+    for ax in axes:
+        ax.title.set_fontsize(15)
+        ax.xaxis.label.set_fontsize(13)
+        ax.yaxis.label.set_fontsize(13)
+        ax.tick_params(labelsize=11)
+    fig.suptitle(f"One training step (forward, loss, backward, Adam), {dtype}, "
+                 f"{os.cpu_count()} cores", fontsize=16)
+    fig.tight_layout()
+    return _save(fig, path, dpi=100)

@@ -1,7 +1,7 @@
 """Experiments for the LoRA variants: rsLoRA, LoRA+, PiSSA and DoRA (notebook 07).
 
 Each experiment trains small adapters with the library's own modules and optimizers and returns
-a plain result object (a frozen dataclass of NumPy arrays and numbers); ``lora_np.plots_variants``
+a plain result object (a frozen dataclass of NumPy arrays and numbers); ``lora_np.plots``
 draws them. Everything is seeded, so every number is reproducible bit for bit.
 
 The task is a teacher–student linear regression with a known answer, small enough that a whole

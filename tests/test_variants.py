@@ -15,7 +15,7 @@ from conftest import Snapshot
 
 from lora_np import SGD, Adam, Linear, LoRALinear, loraplus_multipliers
 from lora_np import functional as F
-from lora_np import plots_variants as P
+from lora_np import plots as P
 from lora_np import variants as V
 from lora_np.lora import lora_scale
 
