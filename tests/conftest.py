@@ -122,6 +122,14 @@ class Snapshot:
                 for p, x in m.named_modules()] == self.state, "stored forward state changed"
 
 
+@pytest.fixture(scope="session")
+def default_sweep():
+    """The default MLP rank sweep, exactly what `python -m lora_np` runs (about 8 s; run once
+    per session and shared by tests/test_experiments.py and tests/test_readme.py)."""
+    from lora_np.experiments import rank_sweep
+    return rank_sweep()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

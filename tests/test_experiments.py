@@ -19,11 +19,6 @@ TINY = SweepSettings(steps=20, batch_size=32)
 SMALL_TASK = dict(n_train=128, n_val=64, n_old=64)
 
 
-@pytest.fixture(scope="session")
-def default_sweep():
-    return rank_sweep()                          # exactly what `python -m lora_np` runs
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return rank_sweep((1, 4), settings=TINY, **SMALL_TASK)

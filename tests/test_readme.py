@@ -31,3 +31,34 @@ def test_readme_example_prints_what_its_comments_say():
     with contextlib.redirect_stdout(buf):
         exec(compile(code, "README example", "exec"), {"__name__": "readme_example"})
     assert buf.getvalue().split("\n")[:-1] == expected
+
+
+def _strip_timing(table: str) -> list[list[str]]:
+    """Rows of a results table, split into columns, without the ms/step column (wall time)."""
+    lines = [l for l in table.strip().splitlines() if l.strip() and not set(l) <= {"-"}]
+    header = lines[0].split("  ")
+    header = [h.strip() for h in header if h.strip()]
+    col = header.index("ms/step")
+    rows = []
+    for l in lines[1:]:
+        cells = l.replace("full FT", "full_FT").replace("LoRA r=", "LoRA_r=").split()
+        assert len(cells) == len(header), f"cannot split README table row {l!r}"
+        rows.append(cells[:col] + cells[col + 1:])
+    return rows
+
+
+def test_readme_main_command_table_is_what_the_sweep_prints(default_sweep):
+    """The table in 'The main command' section is the output of `python -m lora_np` (same task,
+    same seed), every column but ms/step; and so is the paragraph of claims under it."""
+    from lora_np.experiments import check_claims, format_claims, format_table
+
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## The main command", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```text\n(.*?)```", section, re.S)
+    assert len(blocks) == 2, f"expected the table and the claims as two text blocks, found {len(blocks)}"
+    readme_table = blocks[0].split("\n\n", 1)[1]          # below the task description and L₀ lines
+    assert _strip_timing(readme_table) == _strip_timing(format_table(default_sweep))
+    assert f"L₀ (pretrained model's validation loss on task B) = {default_sweep.initial_val_loss:.4e}" in blocks[0]
+    assert default_sweep.task.describe() in blocks[0]
+    printed_claims = blocks[1].strip().split("\n", 1)[1]       # below the "Claims (...)" heading
+    assert printed_claims == format_claims(check_claims(default_sweep)).strip()
