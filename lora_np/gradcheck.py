@@ -165,8 +165,9 @@ def _randomize_norms(model, rng):
 
 
 def standard_cases():
-    """(title, module, x) for every layer and block, full fine-tuning and LoRA."""
-    from .lora import LoRALinear, add_lora
+    """(title, module, x) for every layer and block, full fine-tuning and LoRA (default, PiSSA
+    and DoRA init), each at a non-degenerate point: random non-zero B, scale ≠ 1, random biases."""
+    from .lora import DoRALinear, LoRALinear, add_lora
     from .modules import MLP, Linear, MultiHeadAttention, TransformerBlock
 
     rng = np.random.default_rng(0)
@@ -184,6 +185,15 @@ def standard_cases():
         layer = LoRALinear(Linear(6, 5, rng=rng), r=r, alpha=3.0, rng=rng)
         _randomize_lora(layer, rng)
         cases.append((f"LoRALinear r={r} (scale {layer.scale:.2f})", layer, rng.standard_normal((2, 3, 6))))
+    pissa = LoRALinear(Linear(6, 5, rng=rng), r=2, alpha=3.0, init="pissa", rng=rng)
+    cases.append((f"LoRALinear r=2, PiSSA init (scale {pissa.scale:.2f})", pissa, rng.standard_normal((3, 6))))
+    # DoRA with its exact gradient (the detached-norm backward is by design not the gradient of
+    # the forward, so finite differences would rightly reject it; tests/test_dora.py checks it
+    # against the forward with the norm frozen). m moved off its init (the row norms of W).
+    dora = DoRALinear(Linear(6, 5, rng=rng), r=2, alpha=3.0, rng=rng)
+    _randomize_lora(dora, rng)
+    dora.m[...] = dora.m * (1 + 0.3 * rng.standard_normal(dora.m.shape))
+    cases.append((f"DoRALinear r=2, exact gradient (scale {dora.scale:.2f})", dora, rng.standard_normal((2, 3, 6))))
     for act in ("gelu", "tanh", "relu"):
         mlp = MLP(5, 7, 4, activation=act, rng=rng)
         _randomize_norms(mlp, rng)

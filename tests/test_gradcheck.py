@@ -150,7 +150,7 @@ def test_format_table_lists_every_row(rng):
 def test_standard_cases_are_non_degenerate():
     cases = gc.standard_cases()
     titles = [t for t, _, _ in cases]
-    for needle in ("Linear", "LoRALinear r=1", "MLP gelu", "MLP tanh", "MLP relu", "causal=False",
+    for needle in ("Linear", "LoRALinear r=1", "PiSSA init", "DoRALinear", "MLP gelu", "MLP tanh", "MLP relu", "causal=False",
                    "causal=True", "TransformerBlock causal (full)", "TransformerBlock + LoRA"):
         assert any(needle in t for t in titles), f"no standard case for {needle!r}"
     for title, model, x in cases:
