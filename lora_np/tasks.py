@@ -272,10 +272,36 @@ def _input_subspaces(rng, d_in, d_old):
 # --------------------------------------------------------------------------- MLP task
 
 
+def _check_fc1_sigma(values, p):
+    """None, or σ⁰ as a descending float64 array of p finite values > 0."""
+    if values is None:
+        return None
+    s = np.asarray(values, dtype=np.float64)
+    if s.ndim != 1 or s.size != p:
+        raise ValueError(f"fc1_singular_values must be None or {p} numbers (min(d_hidden, d_in)), "
+                         f"got shape {s.shape}")
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ValueError(f"fc1_singular_values must be finite and > 0, got min {s.min()}")
+    return np.sort(s)[::-1].copy()
+
+
+def _with_spectrum(M, sigma0, rng):
+    """``U₀ diag(σ⁰) V₀ᵀ``: V₀ the orthonormal directions of the orthogonal weight M (d_out, d_in),
+    U₀ (d_out, p) random orthonormal from ``rng``."""
+    d_out, d_in = M.shape
+    if d_out <= d_in:                                  # M = I · Vᵀ, orthonormal rows
+        V_t = M                                        # (d_out, d_in) = (p, d_in)
+        U = random_orthonormal(rng, d_out, d_out)      # (d_out, p)
+    else:                                              # M = c · P, orthonormal columns P
+        V_t = random_orthonormal(rng, d_in, d_in).T    # (p, d_in)
+        U = M / math.sqrt(d_out / d_in)                # (d_out, p)
+    return (U * sigma0) @ V_t
+
+
 def mlp_task(seed: int = 0, true_rank: int = 4, *, d_in: int = 64, d_hidden: int = 64,
              d_out: int = 64, d_old: int = 32, shifted=("fc1",), singular_values=2.0,
              noise: float = 0.01, n_train: int = 1024, n_val: int = 512, n_old: int = 512,
-             activation: str = "tanh") -> Task:
+             activation: str = "tanh", fc1_singular_values=None) -> Task:
     """Teacher–student regression with the MLP ``y = W₂ act(W₁ x + b₁) + b₂``.
 
     Parameters
@@ -297,6 +323,19 @@ def mlp_task(seed: int = 0, true_rank: int = 4, *, d_in: int = 64, d_hidden: int
     n_train, n_val, n_old : int
         Rows of task B's training and validation data and of task A's data.
     activation : "tanh" (default: odd, so hidden features have mean 0), "gelu" or "relu".
+    fc1_singular_values : None or sequence of p = min(d_hidden, d_in) floats > 0
+        None (default): the pretrained fc1.W is ``orthogonal_weight`` — all p singular values
+        equal, so its singular vectors are not unique (any basis of a degenerate singular
+        space is one). Given σ⁰, the pretrained weight is instead
+
+            W₀ = U₀ diag(σ⁰) V₀ᵀ
+
+        keeping one side of the default ``orthogonal_weight``'s orthonormal directions (V₀ =
+        its rows when d_hidden <= d_in, else U₀ = its columns) and drawing the other side from
+        the separate stream ``default_rng([seed, 1])`` — so fc2, task A's subspace, ΔW* and
+        every input x are the same as with None; only W₀ (and so the targets) change. Like
+        a real pretrained weight, a decaying σ⁰ gives W₀ distinct, well-defined singular
+        vectors (what ``analysis.intruder_dimensions`` compares with).
 
     Returns
     -------
@@ -319,11 +358,14 @@ def mlp_task(seed: int = 0, true_rank: int = 4, *, d_in: int = 64, d_hidden: int
     noise = _check_noise(noise)
     if activation not in F.ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(F.ACTIVATIONS)}, got {activation!r}")
+    sigma0 = _check_fc1_sigma(fc1_singular_values, min(d_hidden, d_in))
 
     rng = np.random.default_rng(seed)
     model = MLP(d_in, d_hidden, d_out, activation=activation, rng=rng)
     _check_rank_fits(k, shifted, {"fc1": model.fc1, "fc2": model.fc2}, d_in, d_old, "mlp")
     model.fc1.W[...] = orthogonal_weight(rng, d_hidden, d_in)
+    if sigma0 is not None:
+        model.fc1.W[...] = _with_spectrum(model.fc1.W, sigma0, np.random.default_rng([seed, 1]))
     model.fc2.W[...] = orthogonal_weight(rng, d_out, d_hidden)
     q_old, q_new = _input_subspaces(rng, d_in, d_old)
     teacher, delta = _shift(rng, model, "mlp", shifted, k, sigma, q_new)
@@ -335,7 +377,7 @@ def mlp_task(seed: int = 0, true_rank: int = 4, *, d_in: int = 64, d_hidden: int
     x_old = rng.standard_normal((n_old, d_old)) @ q_old.T           # (n_old, d_in), inside span(Q_A)
     y_old = model(x_old)
     config = dict(d_in=d_in, d_hidden=d_hidden, d_out=d_out, d_old=d_old, activation=activation,
-                  n_train=n_train, n_val=n_val, n_old=n_old)
+                  n_train=n_train, n_val=n_val, n_old=n_old, fc1_singular_values=sigma0)
     return Task("mlp", model, teacher, shifted, delta, k, sigma, noise, x_train, y_train,
                 x_val, y_val, x_old, y_old, q_old, seed, config)
 

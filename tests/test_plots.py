@@ -109,3 +109,59 @@ def test_bad_inputs(result):
         plot_delta_spectra(result, ranks=[16])
     with pytest.raises(ValueError, match="not in this sweep"):
         plot_subspace_similarity(result, r_small=3)
+
+
+# --------------------------------------------------------------------- notebook 06
+
+from lora_np.analysis import intruder_dimensions  # noqa: E402
+from lora_np.plots import plot_intruder_dimensions, plot_when_lora_is_not_enough  # noqa: E402
+
+
+def test_intruder_figure_draws_the_cosines_and_the_counts(result):
+    W0 = result.task.pretrained.fc1.W
+    cos = {m.label: intruder_dimensions(W0, W0 + m.delta_weights["fc1"], k=6).max_cosines
+           for m in result.methods()}
+    open_before = plt.get_fignums()
+    fig = plot_intruder_dimensions(cos, 0.5, title="t")
+    _assert_readable(fig)
+    assert plt.get_fignums() == open_before
+    ax_cos, ax_count = fig.axes
+    for label, c in cos.items():
+        np.testing.assert_array_equal(_line(ax_cos, label).get_ydata(), c)
+        counts = _line(ax_count, label).get_ydata()
+        grid = _line(ax_count, label).get_xdata()
+        i = np.searchsorted(grid, 0.5)                         # the count at ε = 0.5 ...
+        assert counts[i] == (c < grid[i]).sum()                # ... is the number below ε
+        assert counts[0] == 0 and counts[-1] == (c < 1.0).sum()
+    np.testing.assert_array_equal(_line(ax_cos, "ε = 0.5").get_ydata(), [0.5, 0.5])
+
+
+@pytest.mark.parametrize("cos, eps, match", [
+    ({}, 0.5, "non-empty dict"),
+    ({"a": [0.1, 0.2], "b": [0.1]}, 0.5, "same length"),
+    ({"a": [0.1, 1.5]}, 0.5, r"\[0, 1\]"),
+    ({"a": [0.1, 0.2]}, 0.0, "eps"),
+])
+def test_intruder_figure_bad_input(cos, eps, match):
+    with pytest.raises(ValueError, match=match):
+        plot_intruder_dimensions(cos, eps)
+
+
+def test_low_vs_high_rank_figure(result, tmp_path):
+    high = rank_sweep((1, 8), true_rank=8, shifted=("fc2",), singular_values=1.0,
+                      settings=SweepSettings(steps=20, batch_size=64), n_train=64, n_val=32, n_old=32)
+    path = tmp_path / "contrast.png"
+    fig = plot_when_lora_is_not_enough(result, high, path=path)
+    _assert_readable(fig)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    ax_loss, ax_trade = fig.axes
+    L0 = result.initial_val_loss
+    np.testing.assert_allclose(_line(ax_loss, "ΔW* of rank 4: LoRA").get_ydata(),
+                               [result.lora[r].final_val_loss / L0 for r in result.ranks])
+    # equal σ: the best rank-r update leaves (k - r)/k of the change
+    ey = _line(ax_loss, "ΔW* of rank 8: Eckart–Young Σ_(i>r) σᵢ² / Σ σᵢ²")
+    np.testing.assert_allclose(ey.get_ydata()[:8], (8 - np.arange(1, 9)) / 8)
+    xs = sorted(float(l.get_xdata()[0]) for l in ax_trade.get_lines())
+    assert xs == sorted(m.old_task_loss for m in high.methods())
+    with pytest.raises(TypeError, match="SweepResult"):
+        plot_when_lora_is_not_enough(result, {"full": 1})

@@ -171,3 +171,40 @@ def test_attention_bad_arguments():
         attention_task(d_old=64)
     with pytest.raises(ValueError, match="divisible"):
         attention_task(n_heads=5)
+
+
+# --------------------------------------------------------------------------- fc1_singular_values
+
+
+@pytest.mark.parametrize("d_hidden", [64, 80, 48])
+def test_fc1_singular_values_sets_w0_spectrum_and_keeps_the_rest(d_hidden):
+    p = min(d_hidden, 64)
+    sigma0 = np.geomspace(3.0, 0.1, p)[::-1]                 # any order; sorted descending
+    kw = dict(seed=2, d_hidden=d_hidden, n_train=8, n_val=8, n_old=8)
+    t = mlp_task(fc1_singular_values=sigma0, **kw)
+    base = mlp_task(**kw)
+    W0 = t.pretrained.fc1.W
+    np.testing.assert_allclose(np.linalg.svd(W0, compute_uv=False), np.sort(sigma0)[::-1], rtol=1e-12)
+    # the other draws are untouched: same ΔW*, fc2, inputs, task A's subspace
+    np.testing.assert_array_equal(t.delta_true["fc1"], base.delta_true["fc1"])
+    np.testing.assert_array_equal(t.pretrained.fc2.W, base.pretrained.fc2.W)
+    np.testing.assert_array_equal(t.x_train, base.x_train)
+    np.testing.assert_array_equal(t.old_basis, base.old_basis)
+    assert not np.allclose(W0, base.pretrained.fc1.W)
+    # the design still holds: teacher B = A + ΔW*, identical on task A's inputs
+    np.testing.assert_allclose(t.teacher.fc1.W, W0 + t.delta_true["fc1"], atol=1e-15)
+    np.testing.assert_allclose(t.teacher(t.x_old), t.y_old, atol=1e-12)
+    again = mlp_task(fc1_singular_values=sigma0, **kw)
+    np.testing.assert_array_equal(W0, again.pretrained.fc1.W)
+    assert t.config["fc1_singular_values"][0] == 3.0
+
+
+@pytest.mark.parametrize("values, match", [
+    ([1.0] * 63, "64 numbers"),
+    ([[1.0] * 64], "64 numbers"),
+    ([1.0] * 63 + [0.0], "> 0"),
+    ([1.0] * 63 + [np.nan], "> 0"),
+])
+def test_fc1_singular_values_bad_input(values, match):
+    with pytest.raises(ValueError, match=match):
+        mlp_task(fc1_singular_values=values)
