@@ -165,3 +165,78 @@ def test_low_vs_high_rank_figure(result, tmp_path):
     assert xs == sorted(m.old_task_loss for m in high.methods())
     with pytest.raises(TypeError, match="SweepResult"):
         plot_when_lora_is_not_enough(result, {"full": 1})
+
+
+# --------------------------------------------------------------------- notebooks 04-05
+
+from matplotlib.colors import to_rgba  # noqa: E402
+
+from lora_np.plots import plot_budget_bars, plot_forgetting_vs_leak, plot_rank_floor  # noqa: E402
+
+
+def test_rank_floor_figure(tmp_path):
+    path = tmp_path / "floor.png"
+    r_pred = np.arange(0, 9)
+    pred = np.clip((4 - r_pred) / 4, 0, None)
+    fig = plot_rank_floor([1, 2, 4, 8], [0.76, 0.51, 0.001, 0.001], r_pred, pred, 4,
+                          oracle_loss=[0.75, 0.5, 0.001, 0.001], full_loss=0.0012, noise_floor=0.001,
+                          path=path)
+    _assert_readable(fig)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    (ax,) = fig.axes
+    labels = [l.get_label() for l in ax.get_lines()]
+    ey = next(l for l in ax.get_lines() if l.get_label().startswith("Eckart–Young"))
+    np.testing.assert_array_equal(ey.get_ydata(), pred)
+    np.testing.assert_array_equal(_line(ax, "LoRA rank r, trained").get_ydata(), [0.76, 0.51, 0.001, 0.001])
+    np.testing.assert_array_equal(_line(ax, "true rank k = 4").get_xdata(), [4, 4])
+    assert "full fine-tuning" in labels and "noise floor (noise² / L₀)" in labels
+    with pytest.raises(ValueError, match="one length"):
+        plot_rank_floor([1, 2], [0.7], r_pred, pred, 4)
+    with pytest.raises(ValueError, match="one length"):
+        plot_rank_floor([1, 2], [0.7, 0.5], r_pred, pred, 4, oracle_loss=[0.7])
+
+
+def test_forgetting_vs_leak_figure(tmp_path):
+    path = tmp_path / "forget.png"
+    labels, leak, old = ["full FT", "LoRA r=1", "LoRA r=2", "LoRA r=4"], [2e-3, 5.6e-3, 5.8e-3, 3.6e-5], \
+        [8e-6, 5.2e-5, 5.3e-5, 3.2e-7]
+    fig = plot_forgetting_vs_leak(labels, leak, old, slope=0.009, path=path)
+    _assert_readable(fig)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    (ax,) = fig.axes
+    points = {(float(l.get_xdata()[0]), float(l.get_ydata()[0])) for l in ax.get_lines() if len(l.get_xdata()) == 1}
+    assert points == set(zip(leak, old))
+    assert sorted(t.get_text() for t in ax.texts) == sorted(labels)
+    ref = _line(ax, "old-task loss = 0.009 · ‖ΔW Q_A‖²")
+    np.testing.assert_allclose(ref.get_ydata(), 0.009 * ref.get_xdata())
+    with pytest.raises(ValueError, match="one label per point"):
+        plot_forgetting_vs_leak(labels[:2], leak, old)
+    with pytest.raises(ValueError, match="> 0"):
+        plot_forgetting_vs_leak(labels, [0.0, 1, 1, 1], old)
+
+
+def test_budget_bars_figure(tmp_path):
+    path = tmp_path / "budget.png"
+    configs = ["{q} r=8", "{q,v} r=4", "{q,k,v,o} r=2"]
+    losses = {"task 1": [0.66, 0.001, 0.4], "task 2": [0.98, 0.76, 0.39]}
+    fig = plot_budget_bars(configs, losses, full={"task 1": 0.0012, "task 2": 0.0013},
+                           noise_floor={"task 1": 0.001, "task 2": 0.001},
+                           highlight={"task 1": [False, True, True], "task 2": [False, False, True]},
+                           budget=1024, path=path)
+    assert isinstance(fig, Figure) and path.read_bytes()[:8] == PNG_MAGIC
+    assert "1,024" in fig.get_suptitle()
+    axes = fig.axes
+    assert axes[0].get_ylabel() and [a.get_title() for a in axes] == ["task 1", "task 2"]
+    for ax, (name, vals) in zip(axes, losses.items()):
+        assert ax.get_xlabel() and ax.get_xscale() == "log"
+        bars = sorted(ax.patches, key=lambda p: -p.get_y())            # top bar = first config
+        np.testing.assert_allclose([b.get_width() for b in bars], vals)
+        green = [b.get_facecolor() == to_rgba("C2") for b in bars]
+        assert green == [bool(h) for h in {"task 1": [0, 1, 1], "task 2": [0, 0, 1]}[name]]
+    # the panels share the y axis; its labels are drawn on the first one, top to bottom
+    ticks = sorted(zip(axes[0].get_yticks(), (t.get_text() for t in axes[0].get_yticklabels())), reverse=True)
+    assert [label for _, label in ticks] == configs
+    with pytest.raises(ValueError, match="one value per config"):
+        plot_budget_bars(configs, {"task 1": [0.5, 0.5]})
+    with pytest.raises(ValueError, match="non-empty dict"):
+        plot_budget_bars(configs, {})
