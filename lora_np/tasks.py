@@ -185,7 +185,13 @@ class Task:
             arch = f"MLP {c['d_in']}→{c['d_hidden']}→{c['d_out']} ({c['activation']})"
         else:
             arch = f"attention d_model={c['d_model']}, H={c['n_heads']}, T={c['T']}"
-        sv = ", ".join(f"{s:g}" for s in self.singular_values)
+        sigma = np.asarray(self.singular_values)
+        if sigma.size <= 8:
+            sv = ", ".join(f"{s:g}" for s in sigma)
+        elif np.all(sigma == sigma[0]):
+            sv = f"{sigma[0]:g} (all {sigma.size})"
+        else:                               # a long spectrum: its range, not every value
+            sv = f"{sigma.max():g} … {sigma.min():g} ({sigma.size} values)"
         return (f"{arch}; shifted {', '.join(self.shifted)} by rank-{self.true_rank} ΔW* "
                 f"(σ = {sv}); task A uses {c['d_old']} of {self.old_basis.shape[0]} input "
                 f"directions; {len(self.x_train)} train / {len(self.x_val)} val / "

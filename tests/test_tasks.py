@@ -127,8 +127,16 @@ def test_shifting_fc2_draws_delta_from_all_directions():
 
 def test_describe_mentions_the_design(task):
     text = task.describe()
-    for word in ("MLP 64→64→64", "fc1", "rank-4", "32 of 64", "noise"):
+    for word in ("MLP 64→64→64", "fc1", "rank-4", "(σ = 2, 2, 2, 2)", "32 of 64", "noise"):
         assert word in text
+
+
+def test_describe_summarises_a_long_spectrum():
+    small = dict(n_train=8, n_val=8, n_old=8)
+    flat = mlp_task(true_rank=64, shifted=("fc2",), singular_values=1.0, **small).describe()
+    assert "rank-64" in flat and "(σ = 1 (all 64))" in flat
+    decaying = mlp_task(true_rank=32, singular_values=np.geomspace(2, 0.1, 32), **small).describe()
+    assert "(σ = 2 … 0.1 (32 values))" in decaying
 
 
 def test_attention_task():
