@@ -5,10 +5,14 @@ Two kinds of test:
 * ``test_notebook_executes`` runs each notebook (found by glob, so a new notebook is tested
   as soon as it is added) in a fresh Jupyter kernel whose working directory is the notebook's
   own folder — exactly what ``jupyter lab notebooks/`` does — and fails on the first cell that
-  raises. Each notebook's runtime is printed at the end of the module. The worked solutions in
-  ``notebooks/solutions/`` are executed too: they take a few seconds each, and a solution
-  that no longer runs is a wrong solution. Running a notebook rewrites its figures under
-  ``figures/`` (byte for byte the same: the figures carry no timestamps).
+  raises, showing that cell's traceback. The worked solutions in ``notebooks/solutions/`` are
+  executed too: a solution that no longer runs is a wrong solution. Running a notebook
+  rewrites its figures under ``figures/`` (byte for byte the same: the figures carry no
+  timestamps). Each notebook runs in its own process (``tests/_execute_notebook.py``), two at
+  a time on a machine with two or more cores: every kernel uses one BLAS thread, so two
+  kernels fill two cores and the notebook tests take half the wall time. Set
+  ``LORA_NP_NOTEBOOK_JOBS=1`` to run them one after another (for clean per-notebook timings).
+  The end of the module prints each notebook's runtime, their sum and the wall time.
 * ``test_committed_notebook_is_executed_and_clean`` reads the committed file without running
   it: every code cell has been executed, in order, there are outputs, no error outputs, and no
   absolute path of the machine that executed it (so the notebooks read well on the web).
@@ -26,7 +30,10 @@ import json
 import os
 import pathlib
 import re
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -36,7 +43,9 @@ nbclient = pytest.importorskip("nbclient")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(p for p in NB_DIR.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
-TIMEOUT_PER_CELL = 120          # seconds; a notebook should take well under 30 s in total
+RUNNER = pathlib.Path(__file__).resolve().parent / "_execute_notebook.py"
+TIMEOUT_PER_NOTEBOOK = 600      # seconds; a notebook should take well under 30 s
+JOBS = int(os.environ.get("LORA_NP_NOTEBOOK_JOBS", min(2, os.cpu_count() or 1)))
 
 # Absolute paths that must never appear in a committed notebook: the usual roots of this
 # kind of machine, plus the actual location of this checkout and the home directory.
@@ -44,6 +53,7 @@ _FORBIDDEN = sorted({"/work/", "/root/", "/tmp/", "/home/", "/Users/",
                      str(ROOT) + "/", str(pathlib.Path.home()) + "/"})
 
 _runtimes: dict[str, float] = {}
+_wall: dict[str, float] = {}
 
 
 def _kernel_env() -> dict:
@@ -66,7 +76,7 @@ def _id(path: pathlib.Path) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_runtimes(request):
-    """After the module: one line per executed notebook with its runtime."""
+    """After the module: one line per executed notebook with its runtime, their sum and the wall time."""
     yield
     if not _runtimes:
         return
@@ -75,7 +85,9 @@ def _report_runtimes(request):
     if reporter is None:
         return
     lines = [f"  {name:<52} {sec:6.1f} s" for name, sec in sorted(_runtimes.items())]
-    lines.append(f"  {'total':<52} {sum(_runtimes.values()):6.1f} s")
+    lines.append(f"  {'sum of the runtimes':<52} {sum(_runtimes.values()):6.1f} s")
+    if "wall" in _wall:
+        lines.append(f"  {f'wall time, {JOBS} at a time':<52} {_wall['wall']:6.1f} s")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         reporter.write("\n")
         reporter.write_line("notebook runtimes (kernel start to last cell):")
@@ -87,17 +99,32 @@ def test_there_are_notebooks():
     assert NOTEBOOKS, f"no notebooks found under {NB_DIR.name}/"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=_id)
-def test_notebook_executes(path):
-    nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=TIMEOUT_PER_CELL, kernel_name="python3",
-                                     resources={"metadata": {"path": str(path.parent)}})
+def _execute(path: pathlib.Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RUNNER), str(path)], env=_kernel_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT_PER_NOTEBOOK)
+
+
+@pytest.fixture(scope="module")
+def notebook_runs(request):
+    """Start executing every notebook that this pytest run selected, ``JOBS`` at a time; each
+    ``test_notebook_executes`` then waits for its own. (Selected: ``pytest -k 04`` starts only
+    notebook 04.)"""
+    selected = [item.callspec.params["path"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_notebook_executes"]
     start = time.perf_counter()
-    client.execute(env=_kernel_env())      # raises CellExecutionError on the first failing cell
-    _runtimes[_id(path)] = time.perf_counter() - start
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.output_type == "error"]
-    assert not errors, f"{_id(path)}: error outputs after execution: {errors[:1]}"
+    with ThreadPoolExecutor(max_workers=max(JOBS, 1)) as pool:
+        futures = {path: pool.submit(_execute, path) for path in selected}
+        yield futures
+        for future in futures.values():
+            future.cancel()
+    _wall["wall"] = time.perf_counter() - start
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_id)
+def test_notebook_executes(path, notebook_runs):
+    result = notebook_runs[path].result()
+    assert result.returncode == 0, f"{_id(path)} failed:\n{result.stderr[-4000:]}"
+    _runtimes[_id(path)] = json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def _texts(nb):

@@ -62,3 +62,15 @@ def test_readme_main_command_table_is_what_the_sweep_prints(default_sweep):
     assert default_sweep.task.describe() in blocks[0]
     printed_claims = blocks[1].strip().split("\n", 1)[1]       # below the "Claims (...)" heading
     assert printed_claims == format_claims(check_claims(default_sweep)).strip()
+
+
+def test_readme_lists_every_notebook_once_in_order():
+    """'Notebooks' has one line per notebook in notebooks/, in numbered order, and every file
+    and figure the README links to exists."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Notebooks", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^- `(\d\d_\w+\.ipynb)`", section, re.M)
+    on_disk = sorted(p.name for p in (README.parent / "notebooks").glob("*.ipynb"))
+    assert listed == on_disk
+    for link in re.findall(r"\]\(((?:figures|notebooks)/[^)#]+)\)", text):
+        assert (README.parent / link).exists(), f"README links to {link}, which does not exist"
