@@ -11,6 +11,9 @@ Sections, in the order a reader meets them:
 
 * rank sweep (``lora_np.experiments``; ``python -m lora_np`` calls ``save_figures``);
 * notebooks 01–03: images, Eckart–Young, counts, heat maps, spectra, gradient-check errors;
+* notebooks 04–05: the Eckart–Young floor vs trained LoRA, forgetting vs the leak of ΔW into
+  the old task's inputs, the fixed-budget bars of Hu et al. Table 5 in miniature;
+* notebook 06: intruder dimensions, and a full-rank change where LoRA is not enough;
 * notebook 07 (``lora_np.variants``): rsLoRA, LoRA+, PiSSA, DoRA;
 * the benchmark (``python -m lora_np.bench``).
 """
@@ -36,6 +39,10 @@ __all__ = ["TEACHING_STYLE", "FIGURE_NAMES", "save_figures",
            "plot_images", "plot_eckart_young", "plot_param_count_comparison", "plot_scale_vs_rank",
            "plot_heatmaps", "plot_softmax_jacobian", "plot_spectra", "plot_fd_error_vs_h",
            "plot_gradcheck_errors",
+           # notebooks 04-05
+           "plot_rank_floor", "plot_forgetting_vs_leak", "plot_budget_bars",
+           # notebook 06
+           "plot_intruder_dimensions", "plot_when_lora_is_not_enough",
            # notebook 07
            "plot_first_update_size", "plot_rank_scaling", "plot_loraplus", "plot_pissa", "plot_dora",
            # benchmark
@@ -618,6 +625,267 @@ def plot_gradcheck_errors(results, threshold, path=None):
     return _save(fig, path)
 
 
+# --------------------------------------------------------------------- notebooks 04-05
+
+
+def _check_same_length(**arrays):
+    """Each keyword a 1-D float array; all the same length (ValueError naming them otherwise)."""
+    out = {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
+    sizes = {k: a.shape for k, a in out.items()}
+    if any(a.ndim != 1 for a in out.values()) or len({a.size for a in out.values()}) != 1:
+        raise ValueError(f"expected 1-D sequences of one length, got shapes {sizes}")
+    if next(iter(out.values())).size == 0:
+        raise ValueError(f"expected non-empty sequences, got shapes {sizes}")
+    return out
+
+
+def plot_rank_floor(ranks, lora_loss, predicted_ranks, predicted, k, oracle_loss=None,
+                    full_loss=None, noise_floor=None, title=None, path=None) -> Figure:
+    """Loss after fine-tuning ÷ L₀ against LoRA rank r (linear axes), next to the
+    Eckart–Young prediction for the best rank-r update.
+
+    ranks, lora_loss : (m,) LoRA ranks and their final validation loss ÷ L₀ (dots)
+    predicted_ranks, predicted : (p,) ranks and the predicted floor ÷ L₀ at each, e.g.
+        Σ_{i>r} σᵢ² / Σ σᵢ² of ΔW* (line)
+    k : the true rank (dotted vertical line)
+    oracle_loss : optional (m,) loss ÷ L₀ of the model given the best rank-r approximation of
+        ΔW* directly (squares)
+    full_loss, noise_floor : optional horizontal lines (÷ L₀)
+    """
+    a = _check_same_length(ranks=ranks, lora_loss=lora_loss)
+    p = _check_same_length(predicted_ranks=predicted_ranks, predicted=predicted)
+    if oracle_loss is not None:
+        _check_same_length(ranks=ranks, oracle_loss=oracle_loss)
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, ax = _figure(figsize=(11, 6.2))
+        ax.plot(p["predicted_ranks"], p["predicted"], "-", color="C0", lw=2.5,
+                label=r"Eckart–Young: $\sum_{i>r}\sigma_i^2 \,/\, \sum_i\sigma_i^2$ of ΔW*")
+        if oracle_loss is not None:
+            ax.plot(a["ranks"], oracle_loss, "s", color="C2", ms=13, mfc="none", mew=2.5,
+                    label="pretrained W + best rank-r approx. of ΔW*")
+        ax.plot(a["ranks"], a["lora_loss"], "o", color="C1", ms=10, label="LoRA rank r, trained")
+        if full_loss is not None:
+            ax.axhline(full_loss, label="full fine-tuning", **_FULL)
+        if noise_floor is not None:
+            ax.axhline(noise_floor, color="gray", ls=":", lw=2, label="noise floor (noise² / L₀)")
+        ax.axvline(k, color="C3", ls=":", lw=2, label=f"true rank k = {k}")
+        ax.set_ylim(-0.03, 1.05)
+        ax.set_xticks(np.unique(np.concatenate([a["ranks"], p["predicted_ranks"]])).astype(int))
+        ax.set(xlabel="LoRA rank r", ylabel="validation loss ÷ L₀",
+               title=title or "Below the true rank: the Eckart–Young floor")
+        ax.legend(loc="upper right")
+    return _tight_save(fig, path)
+
+
+def plot_forgetting_vs_leak(labels, leak, old_loss, slope=None, title=None, path=None) -> Figure:
+    """Old-task loss against ‖ΔW Q_A‖²_F (how much of ΔW acts on task A's inputs), log–log,
+    one labelled point per method.
+
+    labels : (m,) str;  leak, old_loss : (m,) positive floats
+    slope : optional c; draws the line old_loss = c · leak (dashed grey)
+    """
+    v = _check_same_length(leak=leak, old_loss=old_loss)
+    if len(labels) != v["leak"].size:
+        raise ValueError(f"need one label per point, got {len(labels)} labels and {v['leak'].size} points")
+    if np.any(v["leak"] <= 0) or np.any(v["old_loss"] <= 0):
+        raise ValueError("leak and old_loss must be > 0 (they are drawn on log axes)")
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, ax = _figure(figsize=(11, 6.5))
+        if slope is not None:
+            x = np.geomspace(v["leak"].min() / 2, v["leak"].max() * 2, 50)
+            ax.plot(x, slope * x, color="gray", ls="--", lw=2, label=f"old-task loss = {slope:.2g} · ‖ΔW Q_A‖²")
+        placed = []                                    # (log x, log y) of points labelled on the right
+        for lab, x, y in sorted(zip(labels, v["leak"], v["old_loss"]), key=lambda t: t[1]):
+            full = lab.startswith("full")
+            ax.plot(x, y, "s" if full else "o", ms=12 if full else 10,
+                    color="black" if full else "C1", zorder=3)
+            pt = (np.log10(x), np.log10(y))
+            crowded = any(abs(pt[0] - q[0]) < 0.3 and abs(pt[1] - q[1]) < 0.15 for q in placed)
+            if crowded:                                # a neighbour's label is on the right: go left
+                ax.annotate(lab, (x, y), xytext=(-10, 0), textcoords="offset points", fontsize=13,
+                            ha="right", va="center")
+            else:
+                placed.append(pt)
+                ax.annotate(lab, (x, y), xytext=(10, 0), textcoords="offset points", fontsize=13,
+                            va="center")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set(xlabel="‖ΔW Q_A‖²_F  (part of ΔW that task A's inputs see)",
+               ylabel="task A loss after fine-tuning (MSE)",
+               title=title or "Forgetting follows the part of ΔW inside task A's inputs")
+        if slope is not None:
+            ax.legend(loc="upper left")
+    return _tight_save(fig, path)
+
+
+def plot_budget_bars(configs, losses, full=None, noise_floor=None, highlight=None, budget=None,
+                     path=None) -> Figure:
+    """Hu et al. 2021 (arXiv 2106.09685) Table 5 in miniature: one horizontal bar per LoRA
+    configuration (same parameter budget), final validation loss ÷ L₀ on a log axis; one panel
+    per task.
+
+    configs : (m,) str labels, e.g. "{q,v} r=4"
+    losses : dict task title -> (m,) loss ÷ L₀, one per config
+    full : optional dict task title -> full fine-tuning's loss ÷ L₀ (dashed line)
+    noise_floor : optional dict task title -> noise² / L₀ (dotted line)
+    highlight : optional dict task title -> (m,) bools; True bars (e.g. "adapts every matrix
+        the task shifts") are drawn in a second colour
+    budget : optional int, the trainable-parameter budget, for the title
+    """
+    from matplotlib.patches import Patch
+    configs = list(configs)
+    if not isinstance(losses, dict) or not losses:
+        raise ValueError("losses must be a non-empty dict task title -> one loss per config")
+    for name, vals in losses.items():
+        if np.asarray(vals).shape != (len(configs),):
+            raise ValueError(f"losses[{name!r}] must have one value per config ({len(configs)}), "
+                             f"got shape {np.asarray(vals).shape}")
+    n = len(losses)
+    y = np.arange(len(configs))[::-1]
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, axes = _constrained_row(n, figsize=(8.2 * n, 7.2), sharey=True)
+        handles = {}
+        for ax, (name, vals) in zip(axes, losses.items()):
+            vals = np.asarray(vals, dtype=np.float64)
+            hl = np.zeros(len(configs), bool) if highlight is None else np.asarray(highlight[name], bool)
+            ax.barh(y, vals, color=np.where(hl, "C2", "C0"), height=0.7)
+            for yi, v in zip(y, vals):
+                ax.text(v * 1.15, yi, f"{v:#.3g}", va="center", fontsize=13,
+                        bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.85))
+            if full is not None:
+                handles["full fine-tuning"] = ax.axvline(full[name], **_FULL)
+            if noise_floor is not None:
+                handles["noise floor (noise² / L₀)"] = ax.axvline(noise_floor[name], color="gray", ls=":", lw=2)
+            ax.set_xscale("log")
+            ax.set_xlim(min(vals.min(), *(d[name] for d in (full, noise_floor) if d)) / 2.5, 6)
+            ax.set_yticks(y, configs)
+            ax.grid(axis="y", visible=False)
+            ax.set(xlabel="validation loss ÷ L₀ (log scale)", title=name)
+            if hl.any():
+                handles["adapts every shifted matrix"] = Patch(color="C2")
+        if highlight is not None:
+            handles["does not adapt every shifted matrix"] = Patch(color="C0")
+        axes[0].set_ylabel("LoRA targets, rank")
+        if handles:
+            fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+                       ncol=min(len(handles), 4), fontsize=13)
+    return _save_titled(fig, path, "Same parameter budget, different matrices"
+                        + (f" ({budget:,} trainable parameters each)" if budget else ""))
+
+
+# --------------------------------------------------------------------- notebook 06
+
+
+def plot_intruder_dimensions(max_cosines, eps, title=None, path=None) -> Figure:
+    """Intruder dimensions (Shuttleworth et al. 2024, arXiv 2410.21228, Definition 1).
+
+    Left: for each method, the best |cos| between the m-th left singular vector of the tuned W
+    and any of W₀'s (``analysis.intruder_dimensions(...).max_cosines``), against m; points
+    below the dashed line ε are intruders. Right: the number of intruders among those top k
+    against the threshold ε (a step curve per method).
+
+    max_cosines : dict label -> (k,) floats in [0, 1], the same k for every label
+    eps : the threshold ε in (0, 1] marked on both panels
+    """
+    if not isinstance(max_cosines, dict) or not max_cosines:
+        raise ValueError(f"max_cosines must be a non-empty dict label -> (k,) array, got "
+                         f"{type(max_cosines).__name__}")
+    curves = {label: np.asarray(c, dtype=np.float64) for label, c in max_cosines.items()}
+    shapes = {label: c.shape for label, c in curves.items()}
+    if any(c.ndim != 1 or c.size == 0 for c in curves.values()) or len(set(shapes.values())) != 1:
+        raise ValueError(f"every max_cosines entry must be a 1-D array of the same length k, got {shapes}")
+    if any(np.any((c < 0) | (c > 1 + 1e-12)) for c in curves.values()):
+        raise ValueError("max_cosines must lie in [0, 1] (they are |cos|)")
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"eps must be in (0, 1], got {eps}")
+    k = next(iter(curves.values())).size
+    m = np.arange(1, k + 1)
+    grid = np.linspace(0.0, 1.0, 201)
+    markers = "os^Dv<>ph*"
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, (ax1, ax2) = _figure(1, 2, figsize=(16, 6.2))
+        for n, (label, c) in enumerate(curves.items()):
+            if label.startswith("full"):
+                style = dict(_FULL, marker="s", ms=9)
+            elif "ΔW*" in label:                  # the reference: wide and pale, drawn underneath
+                style = dict(color="0.6", lw=9, alpha=0.6, marker="o", ms=4)
+            else:
+                style = dict(color=_COLORS[n % len(_COLORS)], marker=markers[n % len(markers)], ms=9, lw=1.8)
+            ax1.plot(m, c, label=label, **style)
+            ax2.step(grid, [(c < e).sum() for e in grid], where="post", label=label,
+                     **{key: v for key, v in style.items() if key not in ("marker", "ms")})
+        ax1.axhline(eps, color="C3", ls=":", lw=2.5, label=f"ε = {eps:g}")
+        ax1.fill_between([0.5, k + 0.5], 0, eps, color="C3", alpha=0.08)
+        ax1.set_xlim(0.5, k + 0.5)
+        ax1.set_ylim(0, 1.02)
+        ax1.set_xticks(m)
+        ax1.set(xlabel="m: m-th singular vector of the tuned W (by σ)",
+                ylabel="max |cos| with any singular vector of W₀",
+                title="Closest match in W₀ (below ε: intruder)")
+        ax1.legend(loc="lower right", fontsize=11)
+        ax2.axvline(eps, color="C3", ls=":", lw=2.5, label=f"ε = {eps:g}")
+        ax2.set_xlim(0, 1)
+        ax2.set_ylim(-0.2, k + 0.5)
+        ax2.set(xlabel="threshold ε", ylabel=f"intruders among the top {k}",
+                title="Number of intruders vs threshold")
+        ax2.legend(loc="upper left", fontsize=11)
+    _suptitle(fig, title)
+    return _save(fig, path)
+
+
+def plot_when_lora_is_not_enough(low, high, path=None) -> Figure:
+    """Two tasks side by side (Biderman et al. 2024, arXiv 2405.09673: LoRA learns less and
+    forgets less).
+
+    Left: validation loss ÷ L₀ against LoRA rank for a task whose true change ΔW* has low rank
+    (``low``) and one whose ΔW* has high rank (``high``); dots = LoRA, dashed line = full FT of
+    the same colour, thin line = the Eckart–Young fraction Σ_{i>r} σᵢ² / Σ σᵢ² of each ΔW*
+    (what the best rank-r update leaves when the loss is isotropic in ΔW).
+    Right, for ``high``: task B loss ÷ L₀ (learning; lower is better) against task A loss
+    (forgetting), one labelled point per method.
+
+    low, high : SweepResult
+    """
+    low, high = _check(low), _check(high)
+    with mpl.rc_context(TEACHING_STYLE):
+        fig, (ax1, ax2) = _figure(1, 2, figsize=(17, 6.6))
+        ranks_all = sorted(set(low.ranks) | set(high.ranks))
+        for res, color in ((low, "C0"), (high, "C1")):
+            k, L0 = res.task.true_rank, res.initial_val_loss
+            s2 = np.sort(res.task.singular_values)[::-1] ** 2
+            r_line = np.arange(1, max(ranks_all) + 1)
+            tail = [s2[min(r, s2.size):].sum() / s2.sum() for r in r_line]
+            name = f"ΔW* of rank {k}"
+            ax1.plot(r_line, tail, "-", color=color, lw=1.5, alpha=0.8,
+                     label=f"{name}: Eckart–Young Σ_(i>r) σᵢ² / Σ σᵢ²")
+            ax1.plot(res.ranks, [res.lora[r].final_val_loss / L0 for r in res.ranks], "o", color=color,
+                     ms=11, label=f"{name}: LoRA")
+            ax1.axhline(res.full.final_val_loss / L0, color=color, ls="--", lw=2.2,
+                        label=f"{name}: full fine-tuning")
+        ax1.set_xscale("log", base=2)
+        ax1.set_xticks(ranks_all, [str(r) for r in ranks_all])
+        ax1.minorticks_off()
+        ax1.set_ylim(-0.03, 1.08)
+        ax1.set(xlabel="LoRA rank r", ylabel="validation loss ÷ L₀",
+                title="Low-rank vs high-rank change")
+        ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=11)
+        L0 = high.initial_val_loss
+        pts = [(m.label, m.old_task_loss, m.final_val_loss / L0) for m in high.methods()]
+        for n, (label, x, y) in enumerate(pts):
+            style = dict(color="black", marker="s") if label.startswith("full") else \
+                dict(color="C1", marker="o")
+            ax2.plot([x], [y], ms=12, ls="none", **style)
+            full = label.startswith("full")           # full FT and LoRA r = full rank overlap
+            ax2.annotate(label, (x, y), xytext=(-10, 10) if full else (10, -18), textcoords="offset points",
+                         fontsize=13, ha="right" if full else "left")
+        ax2.set_xscale("log")
+        ax2.set_yscale("log")
+        ax2.set(xlabel="task A loss after fine-tuning (forgetting, MSE)",
+                ylabel="task B loss ÷ L₀ (lower = learned more)",
+                title=f"Rank-{high.task.true_rank} task: learns less, forgets less")
+    return _tight_save(fig, path)
+
+
 # --------------------------------------------------------------------- notebook 07 (variants)
 
 
@@ -791,268 +1059,3 @@ def plot_bench(rows, dtype: str = "float32", path=None) -> Figure:
                  f"{os.cpu_count()} cores", fontsize=16)
     fig.tight_layout()
     return _save(fig, path, dpi=100)
-
-
-# --------------------------------------------------------------------- notebooks 04-05
-
-__all__ += ["plot_rank_floor", "plot_forgetting_vs_leak", "plot_budget_bars"]
-
-
-def _check_same_length(**arrays):
-    """Each keyword a 1-D float array; all the same length (ValueError naming them otherwise)."""
-    out = {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
-    sizes = {k: a.shape for k, a in out.items()}
-    if any(a.ndim != 1 for a in out.values()) or len({a.size for a in out.values()}) != 1:
-        raise ValueError(f"expected 1-D sequences of one length, got shapes {sizes}")
-    if next(iter(out.values())).size == 0:
-        raise ValueError(f"expected non-empty sequences, got shapes {sizes}")
-    return out
-
-
-def plot_rank_floor(ranks, lora_loss, predicted_ranks, predicted, k, oracle_loss=None,
-                    full_loss=None, noise_floor=None, title=None, path=None) -> Figure:
-    """Loss after fine-tuning ÷ L₀ against LoRA rank r (linear axes), next to the
-    Eckart–Young prediction for the best rank-r update.
-
-    ranks, lora_loss : (m,) LoRA ranks and their final validation loss ÷ L₀ (dots)
-    predicted_ranks, predicted : (p,) ranks and the predicted floor ÷ L₀ at each, e.g.
-        Σ_{i>r} σᵢ² / Σ σᵢ² of ΔW* (line)
-    k : the true rank (dotted vertical line)
-    oracle_loss : optional (m,) loss ÷ L₀ of the model given the best rank-r approximation of
-        ΔW* directly (squares)
-    full_loss, noise_floor : optional horizontal lines (÷ L₀)
-    """
-    a = _check_same_length(ranks=ranks, lora_loss=lora_loss)
-    p = _check_same_length(predicted_ranks=predicted_ranks, predicted=predicted)
-    if oracle_loss is not None:
-        _check_same_length(ranks=ranks, oracle_loss=oracle_loss)
-    with mpl.rc_context(TEACHING_STYLE):
-        fig, ax = _figure(figsize=(11, 6.2))
-        ax.plot(p["predicted_ranks"], p["predicted"], "-", color="C0", lw=2.5,
-                label=r"Eckart–Young: $\sum_{i>r}\sigma_i^2 \,/\, \sum_i\sigma_i^2$ of ΔW*")
-        if oracle_loss is not None:
-            ax.plot(a["ranks"], oracle_loss, "s", color="C2", ms=13, mfc="none", mew=2.5,
-                    label="pretrained W + best rank-r approx. of ΔW*")
-        ax.plot(a["ranks"], a["lora_loss"], "o", color="C1", ms=10, label="LoRA rank r, trained")
-        if full_loss is not None:
-            ax.axhline(full_loss, label="full fine-tuning", **_FULL)
-        if noise_floor is not None:
-            ax.axhline(noise_floor, color="gray", ls=":", lw=2, label="noise floor (noise² / L₀)")
-        ax.axvline(k, color="C3", ls=":", lw=2, label=f"true rank k = {k}")
-        ax.set_ylim(-0.03, 1.05)
-        ax.set_xticks(np.unique(np.concatenate([a["ranks"], p["predicted_ranks"]])).astype(int))
-        ax.set(xlabel="LoRA rank r", ylabel="validation loss ÷ L₀",
-               title=title or "Below the true rank: the Eckart–Young floor")
-        ax.legend(loc="upper right")
-    return _tight_save(fig, path)
-
-
-def plot_forgetting_vs_leak(labels, leak, old_loss, slope=None, title=None, path=None) -> Figure:
-    """Old-task loss against ‖ΔW Q_A‖²_F (how much of ΔW acts on task A's inputs), log–log,
-    one labelled point per method.
-
-    labels : (m,) str;  leak, old_loss : (m,) positive floats
-    slope : optional c; draws the line old_loss = c · leak (dashed grey)
-    """
-    v = _check_same_length(leak=leak, old_loss=old_loss)
-    if len(labels) != v["leak"].size:
-        raise ValueError(f"need one label per point, got {len(labels)} labels and {v['leak'].size} points")
-    if np.any(v["leak"] <= 0) or np.any(v["old_loss"] <= 0):
-        raise ValueError("leak and old_loss must be > 0 (they are drawn on log axes)")
-    with mpl.rc_context(TEACHING_STYLE):
-        fig, ax = _figure(figsize=(11, 6.5))
-        if slope is not None:
-            x = np.geomspace(v["leak"].min() / 2, v["leak"].max() * 2, 50)
-            ax.plot(x, slope * x, color="gray", ls="--", lw=2, label=f"old-task loss = {slope:.2g} · ‖ΔW Q_A‖²")
-        placed = []                                    # (log x, log y) of points labelled on the right
-        for lab, x, y in sorted(zip(labels, v["leak"], v["old_loss"]), key=lambda t: t[1]):
-            full = lab.startswith("full")
-            ax.plot(x, y, "s" if full else "o", ms=12 if full else 10,
-                    color="black" if full else "C1", zorder=3)
-            pt = (np.log10(x), np.log10(y))
-            crowded = any(abs(pt[0] - q[0]) < 0.3 and abs(pt[1] - q[1]) < 0.15 for q in placed)
-            if crowded:                                # a neighbour's label is on the right: go left
-                ax.annotate(lab, (x, y), xytext=(-10, 0), textcoords="offset points", fontsize=13,
-                            ha="right", va="center")
-            else:
-                placed.append(pt)
-                ax.annotate(lab, (x, y), xytext=(10, 0), textcoords="offset points", fontsize=13,
-                            va="center")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set(xlabel="‖ΔW Q_A‖²_F  (part of ΔW that task A's inputs see)",
-               ylabel="task A loss after fine-tuning (MSE)",
-               title=title or "Forgetting follows the part of ΔW inside task A's inputs")
-        if slope is not None:
-            ax.legend(loc="upper left")
-    return _tight_save(fig, path)
-
-
-def plot_budget_bars(configs, losses, full=None, noise_floor=None, highlight=None, budget=None,
-                     path=None) -> Figure:
-    """Hu et al. 2021 (arXiv 2106.09685) Table 5 in miniature: one horizontal bar per LoRA
-    configuration (same parameter budget), final validation loss ÷ L₀ on a log axis; one panel
-    per task.
-
-    configs : (m,) str labels, e.g. "{q,v} r=4"
-    losses : dict task title -> (m,) loss ÷ L₀, one per config
-    full : optional dict task title -> full fine-tuning's loss ÷ L₀ (dashed line)
-    noise_floor : optional dict task title -> noise² / L₀ (dotted line)
-    highlight : optional dict task title -> (m,) bools; True bars (e.g. "adapts every matrix
-        the task shifts") are drawn in a second colour
-    budget : optional int, the trainable-parameter budget, for the title
-    """
-    from matplotlib.patches import Patch
-    configs = list(configs)
-    if not isinstance(losses, dict) or not losses:
-        raise ValueError("losses must be a non-empty dict task title -> one loss per config")
-    for name, vals in losses.items():
-        if np.asarray(vals).shape != (len(configs),):
-            raise ValueError(f"losses[{name!r}] must have one value per config ({len(configs)}), "
-                             f"got shape {np.asarray(vals).shape}")
-    n = len(losses)
-    y = np.arange(len(configs))[::-1]
-    with mpl.rc_context(TEACHING_STYLE):
-        fig, axes = _constrained_row(n, figsize=(8.2 * n, 7.2), sharey=True)
-        handles = {}
-        for ax, (name, vals) in zip(axes, losses.items()):
-            vals = np.asarray(vals, dtype=np.float64)
-            hl = np.zeros(len(configs), bool) if highlight is None else np.asarray(highlight[name], bool)
-            ax.barh(y, vals, color=np.where(hl, "C2", "C0"), height=0.7)
-            for yi, v in zip(y, vals):
-                ax.text(v * 1.15, yi, f"{v:#.3g}", va="center", fontsize=13,
-                        bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.85))
-            if full is not None:
-                handles["full fine-tuning"] = ax.axvline(full[name], **_FULL)
-            if noise_floor is not None:
-                handles["noise floor (noise² / L₀)"] = ax.axvline(noise_floor[name], color="gray", ls=":", lw=2)
-            ax.set_xscale("log")
-            ax.set_xlim(min(vals.min(), *(d[name] for d in (full, noise_floor) if d)) / 2.5, 6)
-            ax.set_yticks(y, configs)
-            ax.grid(axis="y", visible=False)
-            ax.set(xlabel="validation loss ÷ L₀ (log scale)", title=name)
-            if hl.any():
-                handles["adapts every shifted matrix"] = Patch(color="C2")
-        if highlight is not None:
-            handles["does not adapt every shifted matrix"] = Patch(color="C0")
-        axes[0].set_ylabel("LoRA targets, rank")
-        if handles:
-            fig.legend(list(handles.values()), list(handles), loc="outside lower center",
-                       ncol=min(len(handles), 4), fontsize=13)
-    return _save_titled(fig, path, "Same parameter budget, different matrices"
-                        + (f" ({budget:,} trainable parameters each)" if budget else ""))
-
-
-# --------------------------------------------------------------------- notebook 06
-
-__all__ += ["plot_intruder_dimensions", "plot_when_lora_is_not_enough"]
-
-
-def plot_intruder_dimensions(max_cosines, eps, title=None, path=None) -> Figure:
-    """Intruder dimensions (Shuttleworth et al. 2024, arXiv 2410.21228, Definition 1).
-
-    Left: for each method, the best |cos| between the m-th left singular vector of the tuned W
-    and any of W₀'s (``analysis.intruder_dimensions(...).max_cosines``), against m; points
-    below the dashed line ε are intruders. Right: the number of intruders among those top k
-    against the threshold ε (a step curve per method).
-
-    max_cosines : dict label -> (k,) floats in [0, 1], the same k for every label
-    eps : the threshold ε in (0, 1] marked on both panels
-    """
-    if not isinstance(max_cosines, dict) or not max_cosines:
-        raise ValueError(f"max_cosines must be a non-empty dict label -> (k,) array, got "
-                         f"{type(max_cosines).__name__}")
-    curves = {label: np.asarray(c, dtype=np.float64) for label, c in max_cosines.items()}
-    shapes = {label: c.shape for label, c in curves.items()}
-    if any(c.ndim != 1 or c.size == 0 for c in curves.values()) or len(set(shapes.values())) != 1:
-        raise ValueError(f"every max_cosines entry must be a 1-D array of the same length k, got {shapes}")
-    if any(np.any((c < 0) | (c > 1 + 1e-12)) for c in curves.values()):
-        raise ValueError("max_cosines must lie in [0, 1] (they are |cos|)")
-    if not 0.0 < eps <= 1.0:
-        raise ValueError(f"eps must be in (0, 1], got {eps}")
-    k = next(iter(curves.values())).size
-    m = np.arange(1, k + 1)
-    grid = np.linspace(0.0, 1.0, 201)
-    markers = "os^Dv<>ph*"
-    with mpl.rc_context(TEACHING_STYLE):
-        fig, (ax1, ax2) = _figure(1, 2, figsize=(16, 6.2))
-        for n, (label, c) in enumerate(curves.items()):
-            if label.startswith("full"):
-                style = dict(_FULL, marker="s", ms=9)
-            elif "ΔW*" in label:                  # the reference: wide and pale, drawn underneath
-                style = dict(color="0.6", lw=9, alpha=0.6, marker="o", ms=4)
-            else:
-                style = dict(color=_COLORS[n % len(_COLORS)], marker=markers[n % len(markers)], ms=9, lw=1.8)
-            ax1.plot(m, c, label=label, **style)
-            ax2.step(grid, [(c < e).sum() for e in grid], where="post", label=label,
-                     **{key: v for key, v in style.items() if key not in ("marker", "ms")})
-        ax1.axhline(eps, color="C3", ls=":", lw=2.5, label=f"ε = {eps:g}")
-        ax1.fill_between([0.5, k + 0.5], 0, eps, color="C3", alpha=0.08)
-        ax1.set_xlim(0.5, k + 0.5)
-        ax1.set_ylim(0, 1.02)
-        ax1.set_xticks(m)
-        ax1.set(xlabel="m: m-th singular vector of the tuned W (by σ)",
-                ylabel="max |cos| with any singular vector of W₀",
-                title="Closest match in W₀ (below ε: intruder)")
-        ax1.legend(loc="lower right", fontsize=11)
-        ax2.axvline(eps, color="C3", ls=":", lw=2.5, label=f"ε = {eps:g}")
-        ax2.set_xlim(0, 1)
-        ax2.set_ylim(-0.2, k + 0.5)
-        ax2.set(xlabel="threshold ε", ylabel=f"intruders among the top {k}",
-                title="Number of intruders vs threshold")
-        ax2.legend(loc="upper left", fontsize=11)
-    _suptitle(fig, title)
-    return _save(fig, path)
-
-
-def plot_when_lora_is_not_enough(low, high, path=None) -> Figure:
-    """Two tasks side by side (Biderman et al. 2024, arXiv 2405.09673: LoRA learns less and
-    forgets less).
-
-    Left: validation loss ÷ L₀ against LoRA rank for a task whose true change ΔW* has low rank
-    (``low``) and one whose ΔW* has high rank (``high``); dots = LoRA, dashed line = full FT of
-    the same colour, thin line = the Eckart–Young fraction Σ_{i>r} σᵢ² / Σ σᵢ² of each ΔW*
-    (what the best rank-r update leaves when the loss is isotropic in ΔW).
-    Right, for ``high``: task B loss ÷ L₀ (learning; lower is better) against task A loss
-    (forgetting), one labelled point per method.
-
-    low, high : SweepResult
-    """
-    low, high = _check(low), _check(high)
-    with mpl.rc_context(TEACHING_STYLE):
-        fig, (ax1, ax2) = _figure(1, 2, figsize=(17, 6.6))
-        ranks_all = sorted(set(low.ranks) | set(high.ranks))
-        for res, color in ((low, "C0"), (high, "C1")):
-            k, L0 = res.task.true_rank, res.initial_val_loss
-            s2 = np.sort(res.task.singular_values)[::-1] ** 2
-            r_line = np.arange(1, max(ranks_all) + 1)
-            tail = [s2[min(r, s2.size):].sum() / s2.sum() for r in r_line]
-            name = f"ΔW* of rank {k}"
-            ax1.plot(r_line, tail, "-", color=color, lw=1.5, alpha=0.8,
-                     label=f"{name}: Eckart–Young Σ_(i>r) σᵢ² / Σ σᵢ²")
-            ax1.plot(res.ranks, [res.lora[r].final_val_loss / L0 for r in res.ranks], "o", color=color,
-                     ms=11, label=f"{name}: LoRA")
-            ax1.axhline(res.full.final_val_loss / L0, color=color, ls="--", lw=2.2,
-                        label=f"{name}: full fine-tuning")
-        ax1.set_xscale("log", base=2)
-        ax1.set_xticks(ranks_all, [str(r) for r in ranks_all])
-        ax1.minorticks_off()
-        ax1.set_ylim(-0.03, 1.08)
-        ax1.set(xlabel="LoRA rank r", ylabel="validation loss ÷ L₀",
-                title="Low-rank vs high-rank change")
-        ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=11)
-        L0 = high.initial_val_loss
-        pts = [(m.label, m.old_task_loss, m.final_val_loss / L0) for m in high.methods()]
-        for n, (label, x, y) in enumerate(pts):
-            style = dict(color="black", marker="s") if label.startswith("full") else \
-                dict(color="C1", marker="o")
-            ax2.plot([x], [y], ms=12, ls="none", **style)
-            full = label.startswith("full")           # full FT and LoRA r = full rank overlap
-            ax2.annotate(label, (x, y), xytext=(-10, 10) if full else (10, -18), textcoords="offset points",
-                         fontsize=13, ha="right" if full else "left")
-        ax2.set_xscale("log")
-        ax2.set_yscale("log")
-        ax2.set(xlabel="task A loss after fine-tuning (forgetting, MSE)",
-                ylabel="task B loss ÷ L₀ (lower = learned more)",
-                title=f"Rank-{high.task.true_rank} task: learns less, forgets less")
-    return _tight_save(fig, path)
