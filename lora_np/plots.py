@@ -179,7 +179,7 @@ def plot_loss_vs_rank(result: SweepResult, path=None) -> Figure:
         _rank_axis(ax2, ranks, k)
         ax2.set(xlabel="LoRA rank r", ylabel="task A loss (MSE; 0 before fine-tuning)",
                 title="Task A: forgetting")
-        ax2.legend(loc="lower right")
+        ax2.legend(loc="best")              # the points move with the task; let matplotlib avoid them
     return _tight_save(fig, path)
 
 
@@ -210,7 +210,7 @@ def plot_loss_curves(result: SweepResult, window: int = 10, path=None) -> Figure
         ax.set_yscale("log")
         ax.set(xlabel="training step", ylabel="training loss ÷ L₀",
                title=f"Loss curves (true rank k = {res.task.true_rank}; running mean of {window} steps)")
-        ax.legend(loc="upper right", ncol=2)
+        ax.legend(loc="center right", ncol=2)        # ranks below k plateau above it, the rest below
     return _tight_save(fig, path)
 
 
