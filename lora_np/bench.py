@@ -576,10 +576,37 @@ def markdown_table(rows: list[BenchRow]) -> str:
 #: glibc settings that keep freed memory in the process instead of returning it to the kernel
 #: (which then page-faults it back in on the next step); read once, when Python starts
 MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3           # glibc's mallopt parameter numbers
+KEEP_LIMIT = 1 << 30                                     # 1 GiB
 
 
-def _header(info: dict, rows: int, T: int, repeats: int) -> str:
-    malloc = ", ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "defaults"
+def keep_freed_memory(limit: int = KEEP_LIMIT) -> str:
+    """Ask glibc's allocator to keep freed memory in this process; return what was done.
+
+    By default glibc gives every large array (above a few MiB) its own ``mmap`` and returns it
+    to the kernel when NumPy frees it, and trims the heap top; the next training step asks for
+    the same sizes again and the kernel hands the pages back one page fault at a time
+    (~5,000–7,000 faults, 15–30 ms of a 90 ms step at d = 1024). A training loop does not want
+    that: PyTorch keeps freed GPU memory in its caching allocator, and Intel's CPU tuning guide
+    recommends jemalloc/tcmalloc for the same reason. ``mallopt(M_TRIM_THRESHOLD)`` and
+    ``mallopt(M_MMAP_THRESHOLD)`` with ``limit`` make glibc reuse freed memory instead, for
+    this process only (the ``python -m lora_np.bench`` process; importing ``lora_np`` never
+    does this). ``MALLOC_*`` variables already set in the environment are left to rule.
+    """
+    already = [k for k in MALLOC_ENV if k in os.environ]
+    if already:
+        return ", ".join(f"{k}={os.environ[k]}" for k in already) + " (from the environment)"
+    try:
+        libc = ctypes.CDLL(None)
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, limit) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, limit) == 1
+    except (OSError, AttributeError):                  # not glibc (macOS, musl, Windows)
+        ok = False
+    if not ok:
+        return "defaults (mallopt not available on this C library)"
+    return f"keeps freed memory (mallopt trim and mmap thresholds {limit >> 20} MiB)"
+
+
+def _header(info: dict, rows: int, T: int, repeats: int, malloc: str = "defaults") -> str:
     return (f"machine: {info['cpu_count']} cores (os.cpu_count()), BLAS {info['blas']} with "
             f"{info['blas_threads']} threads, NumPy {info['numpy']}, allocator {malloc}\n"
             f"step = zero_grad + forward + MSE loss + backward + Adam; MLP d→d→d on N={rows} rows, "
@@ -642,6 +669,10 @@ def main(argv=None) -> list[BenchRow]:
                    help="widths 128,1024, rank 8, float32, 5 repeats (a few seconds)")
     p.add_argument("--out-dir", default="figures", help="where bench_results.md and the plot go")
     p.add_argument("--no-files", action="store_true", help="print only")
+    p.add_argument("--allocator", choices=("keep", "default"), default="keep",
+                   help="keep: glibc keeps freed arrays for the next step, as a training loop "
+                        "would (see keep_freed_memory); default: glibc's defaults, which "
+                        "page-fault large arrays back in every step")
     args = p.parse_args(argv)
     if args.quick:
         args.widths, args.ranks, args.dtypes, args.repeats = [128, 1024], [8], ["float32"], 5
@@ -650,7 +681,9 @@ def main(argv=None) -> list[BenchRow]:
         p.error(f"--rows must be a multiple of T={T}, got {args.rows}")
 
     info = machine_info()
-    header = _header(info, args.rows, T, args.repeats)
+    malloc = keep_freed_memory() if args.allocator == "keep" else (
+        ", ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "defaults")
+    header = _header(info, args.rows, T, args.repeats, malloc)
     print(header, flush=True)
     load = MachineLoad()
     t0 = time.perf_counter()

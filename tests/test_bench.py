@@ -1,6 +1,11 @@
 """Tests for lora_np.bench: the FLOP and byte models, dtype preservation and the memory
 behaviour of a training step. Nothing here asserts a wall-clock time."""
 
+import os
+import pathlib
+import platform
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -11,6 +16,8 @@ from lora_np import bench
 from lora_np.bench import (ADAM_FLOPS_PER_PARAM, BenchConfig, adam_flops, attention_step_flops,
                            build, linear_step_flops, lora_linear_step_flops, measured_state_bytes,
                            mlp_step_flops, state_bytes_model, train_step)
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +263,7 @@ def test_configs_skip_ranks_above_half_the_width():
 
 def test_main_writes_table_and_plot(tmp_path, capsys):
     rows = bench.main(["--widths", "64", "--ranks", "4", "--dtypes", "float32", "--repeats", "1",
-                       "--rows", "64", "--out-dir", str(tmp_path)])
+                       "--rows", "64", "--out-dir", str(tmp_path), "--allocator", "default"])
     out = capsys.readouterr().out
     assert "cores" in out and "LoRA r=4" in out
     assert [(r.model, r.method) for r in rows] == [("mlp", "full"), ("mlp", "LoRA r=4"),
@@ -269,8 +276,33 @@ def test_main_writes_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "bench_float32.png").stat().st_size > 10_000
 
 
+def test_keep_freed_memory_leaves_an_explicit_environment_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
+    assert bench.keep_freed_memory() == "MALLOC_TRIM_THRESHOLD_=123 (from the environment)"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_allocator_keep_removes_the_page_faults_of_each_step():
+    """A count, not a time: with glibc's defaults every MLP step at d = 256 (arrays of 512 KiB,
+    above the mmap threshold) page-faults its arrays back in; with --allocator keep, none.
+    Run in a subprocess so that this test process keeps its own allocator settings."""
+    faults = {}
+    env = {k: v for k, v in os.environ.items() if k not in bench.MALLOC_ENV}
+    for mode in ("keep", "default"):
+        out = subprocess.run([sys.executable, "-m", "lora_np.bench", "--widths", "256", "--ranks", "8",
+                              "--dtypes", "float32", "--models", "mlp", "--repeats", "3", "--no-files",
+                              "--allocator", mode], capture_output=True, text=True, env=env,
+                             cwd=ROOT, check=True).stdout
+        rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["mlp"]]
+        assert len(rows) == 2, out
+        faults[mode] = [float(r[-1]) for r in rows]
+        assert ("keeps freed memory" in out) == (mode == "keep")
+    assert faults["keep"] == [0, 0]
+    assert min(faults["default"]) > 100
+
+
 @pytest.mark.parametrize("argv", [["--widths", "0"], ["--dtypes", "float16"], ["--rows", "100"],
-                                  ["--models", "cnn"]])
+                                  ["--models", "cnn"], ["--allocator", "jemalloc"]])
 def test_main_rejects_bad_options(argv):
     with pytest.raises(SystemExit):
         bench.main(argv + ["--no-files"])
