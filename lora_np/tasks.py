@@ -212,14 +212,19 @@ def _check_int(name, value, minimum=1):
 def _check_sigma(singular_values, k):
     """σ as a descending float64 array of length k (a number means k equal values)."""
     if isinstance(singular_values, numbers.Real) and not isinstance(singular_values, bool):
-        s = np.full(k, float(singular_values))
-    else:
-        s = np.asarray(singular_values, dtype=np.float64)
-        if s.ndim != 1 or s.size != k:
-            raise ValueError(f"singular_values must be a number or {k} numbers (one per rank of "
-                             f"ΔW*, true_rank={k}), got shape {s.shape}")
+        singular_values = np.full(k, float(singular_values))
+    return _descending_positive(singular_values, "singular_values",
+                                f"a number or {k} numbers (one per rank of ΔW*, true_rank={k})", k)
+
+
+def _descending_positive(values, name, expected, n=None):
+    """``values`` as a descending float64 array of ``n`` finite numbers > 0, or a ValueError
+    naming ``name``, what was ``expected`` and what came."""
+    s = np.asarray(values, dtype=np.float64)
+    if n is not None and (s.ndim != 1 or s.size != n):
+        raise ValueError(f"{name} must be {expected}, got shape {s.shape}")
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise ValueError(f"singular_values must be finite and > 0, got {s.tolist()}")
+        raise ValueError(f"{name} must be finite and > 0, got {s.tolist() if s.size <= 8 else f'min {s.min()}'}")
     return np.sort(s)[::-1].copy()
 
 
@@ -282,13 +287,8 @@ def _check_fc1_sigma(values, p):
     """None, or σ⁰ as a descending float64 array of p finite values > 0."""
     if values is None:
         return None
-    s = np.asarray(values, dtype=np.float64)
-    if s.ndim != 1 or s.size != p:
-        raise ValueError(f"fc1_singular_values must be None or {p} numbers (min(d_hidden, d_in)), "
-                         f"got shape {s.shape}")
-    if not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise ValueError(f"fc1_singular_values must be finite and > 0, got min {s.min()}")
-    return np.sort(s)[::-1].copy()
+    return _descending_positive(values, "fc1_singular_values",
+                                f"None or {p} numbers (min(d_hidden, d_in))", p)
 
 
 def _with_spectrum(M, sigma0, rng):
