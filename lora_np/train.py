@@ -142,16 +142,20 @@ def _batches(rng, n, batch_size):
 
 
 class _Progress:
-    """A progress line on stderr, rewritten in place with ``\\r`` every ``every`` steps."""
+    """A progress line on stderr, rewritten in place with ``\\r`` every ``every`` steps on a
+    terminal; into a file or pipe (a log, CI) only the last step's line, so that a log does not
+    fill with ``\\r``-joined lines."""
 
     def __init__(self, label, steps, every, stream):
         self.label, self.steps, self.every, self.stream = label, steps, every, stream
+        self.live = bool(getattr(stream, "isatty", lambda: False)())
         self.t0 = time.perf_counter()
 
     def update(self, step, loss, lr, val=None):
-        if step % self.every and step != self.steps:
+        if step != self.steps and (step % self.every or not self.live):
             return
-        text = (f"\r{self.label}step {step:>{len(str(self.steps))}}/{self.steps}  "
+        back = "\r" if self.live else ""            # back to the start of the terminal line
+        text = (f"{back}{self.label}step {step:>{len(str(self.steps))}}/{self.steps}  "
                 f"loss {loss:.3e}  lr {lr:.2e}")
         if val is not None:
             text += f"  val {val:.3e}"
