@@ -64,8 +64,10 @@ FIGURE_NAMES = {
     "param_counts": "sweep_param_counts.png",
 }
 
-#: losses are drawn on a log axis; anything below this is drawn at this value (notebook 07)
-LOSS_FLOOR = 1e-6
+#: losses are drawn on a log axis; anything below this is drawn at this value (notebook 07),
+#: and a figure that clips a curve says so in its title. Low enough that no loss notebook 07
+#: prints (its smallest is 1.7e-7) is clipped: a clipped curve would look like a plateau.
+LOSS_FLOOR = 1e-8
 _COLORS = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
@@ -433,8 +435,8 @@ def plot_eckart_young(sigma, ranks, measured, name="the matrix", path=None):
         fig, (ax1, ax2) = _figure(1, 2, figsize=(13, 4.8))
         ax1.semilogy(np.arange(1, sigma.size + 1), sigma, color="C0")
         ax1.set(xlabel="index i", ylabel="singular value σᵢ", title=f"Singular values of {name}")
-        ax2.plot(r_all, predicted, color="C0", label="Eckart–Young: √(Σ_{i>r} σᵢ²) / ‖M‖_F")
-        ax2.plot(ranks, measured, "o", color="C3", markersize=9, label="measured ‖M − M_r‖_F / ‖M‖_F")
+        ax2.plot(r_all, predicted, color="C0", label=r"Eckart–Young: $\sqrt{\sum_{i>r}\sigma_i^2}\ /\ \Vert M\Vert_F$")
+        ax2.plot(ranks, measured, "o", color="C3", markersize=9, label=r"measured $\Vert M - M_r\Vert_F\ /\ \Vert M\Vert_F$")
         ax2.set_xscale("symlog", linthresh=1)
         ax2.set_ylim(0, 1.02)
         ax2.set(xlabel="rank r (symlog scale)", ylabel="relative error",
@@ -531,7 +533,8 @@ def plot_softmax_jacobian(p, J, path=None):
         im = ax2.imshow(J, cmap="RdBu_r", vmin=-lim, vmax=lim)
         for i in range(T):
             for j in range(T):
-                ax2.text(j, i, f"{J[i, j]:+.3f}", ha="center", va="center", fontsize=11,
+                # 4 decimals: the smallest off-diagonal -p_i p_j must not print as "-0.000"
+                ax2.text(j, i, f"{J[i, j]:+.4f}", ha="center", va="center", fontsize=10.5,
                          color="white" if abs(J[i, j]) > 0.6 * lim else "black")
         ax2.set(xlabel="score j", ylabel="probability i", xticks=np.arange(T), yticks=np.arange(T),
                 title="Jacobian ∂pᵢ/∂Sⱼ = pᵢ(δᵢⱼ − pⱼ)")
@@ -917,7 +920,8 @@ def plot_first_update_size(result, path=None):
         ax.minorticks_off()
         ax.set_xlabel("rank r")
         ax.set_ylabel("‖Δy‖ / (η ‖∂L/∂y‖)  (output change per unit step)")
-        ax.legend(loc="lower left")
+        # below the axes: inside, the legend hid the lowest dots of r = 2 and r = 4
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=11)
         title = f"First SGD step from B = 0 (α = {result.alpha:g}, d_in = {result.d_in})"
         return _save_titled(fig, path, title=title)
 
@@ -981,9 +985,10 @@ def plot_pissa(result, path=None):
     titles = {"principal": "shift along W₀'s top directions", "random": "shift in random directions"}
     c = result.config
     names = {"kaiming": "default init (B = 0)", "pissa": "PiSSA init"}
+    clipped = any(np.nanmin(v) < LOSS_FLOOR for curves in result.curves.values() for v in curves.values())
+    note = f"; y floored at {LOSS_FLOOR:g}" if clipped else ""
     return _curve_panels(result, titles, path,
-                         f"PiSSA vs default init (r = {c['r']}, same α and lr; y floored at {LOSS_FLOOR:g})",
-                         names=names)
+                         f"PiSSA vs default init (r = {c['r']}, same α and lr{note})", names=names)
 
 
 def plot_dora(result, path=None):
