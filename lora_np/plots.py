@@ -64,8 +64,10 @@ FIGURE_NAMES = {
     "param_counts": "sweep_param_counts.png",
 }
 
-#: losses are drawn on a log axis; anything below this is drawn at this value (notebook 07)
-LOSS_FLOOR = 1e-6
+#: losses are drawn on a log axis; anything below this is drawn at this value (notebook 07),
+#: and a figure that clips a curve says so in its title. Low enough that no loss notebook 07
+#: prints (its smallest is 1.7e-7) is clipped: a clipped curve would look like a plateau.
+LOSS_FLOOR = 1e-8
 _COLORS = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
@@ -918,7 +920,8 @@ def plot_first_update_size(result, path=None):
         ax.minorticks_off()
         ax.set_xlabel("rank r")
         ax.set_ylabel("‖Δy‖ / (η ‖∂L/∂y‖)  (output change per unit step)")
-        ax.legend(loc="lower left")
+        # below the axes: inside, the legend hid the lowest dots of r = 2 and r = 4
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=11)
         title = f"First SGD step from B = 0 (α = {result.alpha:g}, d_in = {result.d_in})"
         return _save_titled(fig, path, title=title)
 
@@ -982,9 +985,10 @@ def plot_pissa(result, path=None):
     titles = {"principal": "shift along W₀'s top directions", "random": "shift in random directions"}
     c = result.config
     names = {"kaiming": "default init (B = 0)", "pissa": "PiSSA init"}
+    clipped = any(np.nanmin(v) < LOSS_FLOOR for curves in result.curves.values() for v in curves.values())
+    note = f"; y floored at {LOSS_FLOOR:g}" if clipped else ""
     return _curve_panels(result, titles, path,
-                         f"PiSSA vs default init (r = {c['r']}, same α and lr; y floored at {LOSS_FLOOR:g})",
-                         names=names)
+                         f"PiSSA vs default init (r = {c['r']}, same α and lr{note})", names=names)
 
 
 def plot_dora(result, path=None):

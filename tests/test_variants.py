@@ -233,3 +233,15 @@ def test_plots_return_figures_and_save(tmp_path):
         assert len(fig.axes) == n_axes[name], name
         assert all(ax.get_xlabel() for ax in fig.axes), f"{name}: an axis has no label"
     assert (tmp_path / "sub" / "dora.png").stat().st_size > 10_000
+
+
+def test_pissa_plot_says_when_it_clips_a_curve():
+    # a curve drawn at LOSS_FLOOR would look like a plateau, so the title must say so
+    def title(low):
+        curves = {"principal": {"kaiming": np.array([1e-2, 1e-3]), "pissa": np.array([1e-2, low])},
+                  "random": {"kaiming": np.array([1e-2, 1e-3]), "pissa": np.array([1e-2, 1e-3])}}
+        floors = {t: {k: 0.0 for k in c} for t, c in curves.items()}
+        res = V.CurvesResult(curves=curves, floors=floors, config=dict(r=4))
+        return P.plot_pissa(res)._suptitle.get_text()
+    assert "floored" not in title(10 * P.LOSS_FLOOR)
+    assert f"floored at {P.LOSS_FLOOR:g}" in title(P.LOSS_FLOOR / 10)
