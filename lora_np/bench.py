@@ -580,11 +580,17 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3           # glibc's mallopt parame
 KEEP_LIMIT = 1 << 30                                     # 1 GiB
 
 
+def _malloc_env() -> str:
+    """The ``MALLOC_*`` settings of ``MALLOC_ENV`` found in the environment, or ""."""
+    return ", ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ)
+
+
 def keep_freed_memory(limit: int = KEEP_LIMIT) -> str:
     """Ask glibc's allocator to keep freed memory in this process; return what was done.
 
-    By default glibc gives every large array (above a few MiB) its own ``mmap`` and returns it
-    to the kernel when NumPy frees it, and trims the heap top; the next training step asks for
+    By default glibc gives every large array (above its mmap threshold: 128 KiB at start,
+    raised as such arrays are freed, to 32 MiB at most) its own ``mmap`` and returns it to the
+    kernel when NumPy frees it, and trims the heap top; the next training step asks for
     the same sizes again and the kernel hands the pages back one page fault at a time
     (~5,000–7,000 faults, 15–30 ms of a 90 ms step at d = 1024). A training loop does not want
     that: PyTorch keeps freed GPU memory in its caching allocator, and Intel's CPU tuning guide
@@ -593,13 +599,12 @@ def keep_freed_memory(limit: int = KEEP_LIMIT) -> str:
     this process only (the ``python -m lora_np.bench`` process; importing ``lora_np`` never
     does this). ``MALLOC_*`` variables already set in the environment are left to rule.
     """
-    already = [k for k in MALLOC_ENV if k in os.environ]
-    if already:
-        return ", ".join(f"{k}={os.environ[k]}" for k in already) + " (from the environment)"
+    if _malloc_env():
+        return _malloc_env() + " (from the environment)"
     try:
         libc = ctypes.CDLL(None)
         ok = libc.mallopt(_M_TRIM_THRESHOLD, limit) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, limit) == 1
-    except (OSError, AttributeError):                  # not glibc (macOS, musl, Windows)
+    except (OSError, AttributeError, TypeError):       # not glibc (macOS, musl, Windows)
         ok = False
     if not ok:
         return "defaults (mallopt not available on this C library)"
@@ -681,8 +686,7 @@ def main(argv=None) -> list[BenchRow]:
         p.error(f"--rows must be a multiple of T={T}, got {args.rows}")
 
     info = machine_info()
-    malloc = keep_freed_memory() if args.allocator == "keep" else (
-        ", ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "defaults")
+    malloc = keep_freed_memory() if args.allocator == "keep" else (_malloc_env() or "defaults")
     header = _header(info, args.rows, T, args.repeats, malloc)
     print(header, flush=True)
     load = MachineLoad()

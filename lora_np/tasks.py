@@ -217,11 +217,11 @@ def _check_sigma(singular_values, k):
                                 f"a number or {k} numbers (one per rank of ΔW*, true_rank={k})", k)
 
 
-def _descending_positive(values, name, expected, n=None):
+def _descending_positive(values, name, expected, n):
     """``values`` as a descending float64 array of ``n`` finite numbers > 0, or a ValueError
     naming ``name``, what was ``expected`` and what came."""
     s = np.asarray(values, dtype=np.float64)
-    if n is not None and (s.ndim != 1 or s.size != n):
+    if s.ndim != 1 or s.size != n:
         raise ValueError(f"{name} must be {expected}, got shape {s.shape}")
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise ValueError(f"{name} must be finite and > 0, got {s.tolist() if s.size <= 8 else f'min {s.min()}'}")

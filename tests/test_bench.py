@@ -277,6 +277,7 @@ def test_main_writes_table_and_plot(tmp_path, capsys):
 
 
 def test_keep_freed_memory_leaves_an_explicit_environment_alone(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
     assert bench.keep_freed_memory() == "MALLOC_TRIM_THRESHOLD_=123 (from the environment)"
 
