@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
-    "singular_values", "energy_rank", "effective_rank",
+    "singular_values", "tail_energy", "energy_rank", "effective_rank",
     "row_space_basis", "column_space_basis",
     "subspace_similarity", "lora_subspace_similarity", "subspace_similarity_grid",
     "random_subspace_baseline", "left_subspace_similarity",
@@ -112,6 +112,37 @@ def singular_values(M) -> np.ndarray:
     """
     M = _as_matrix(M, "M")
     return np.linalg.svd(M, compute_uv=False)
+
+
+def tail_energy(M_or_singular_values, relative: bool = False) -> np.ndarray:
+    """Eckart–Young: what the best rank-r approximation of M leaves behind, for every r.
+
+    .. math:: \\min_{\\operatorname{rank} D \\le r} \\|M - D\\|_F^2 = \\sum_{i > r} \\sigma_i^2
+
+    (the minimum is reached by the truncated SVD ``M_r = U_r diag(σ_:r) V_rᵀ``).
+
+    Parameters
+    ----------
+    M_or_singular_values : array, shape (d_out, d_in) or (p,)
+        A matrix, or its singular values (any order; they are sorted descending).
+    relative : bool
+        False: ``Σ_{i>r} σ_i²``. True: divided by ``‖M‖²_F = Σ_i σ_i²`` (the fraction of the
+        energy left; 1 at r = 0), which needs a non-zero M.
+
+    Returns
+    -------
+    tail : ndarray (float64), shape (p + 1,)
+        ``tail[r]`` for r = 0, 1, …, p; ``tail[0] = ‖M‖²_F`` (or 1), ``tail[p] = 0``.
+        ``np.sqrt(tail)`` is the Frobenius error ‖M − M_r‖_F itself.
+    """
+    s = _spectrum(M_or_singular_values, "M_or_singular_values").astype(np.float64)
+    # tail[r] = Σ_{i>r} σ_i², summed from the smallest σ up so that small tails keep their digits
+    tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])
+    if relative:
+        if tail[0] == 0.0:
+            raise ValueError("tail_energy(relative=True) is undefined for the zero matrix (all σ = 0)")
+        tail = tail / tail[0]
+    return tail
 
 
 def energy_rank(M_or_singular_values, energy: float = 0.9) -> int:

@@ -33,6 +33,7 @@ __all__ = [
     "lora_param_count", "PaperNumber", "PAPER_REPORTED", "PaperRow", "paper_comparison",
     "checkpoint_bytes", "adapter_checkpoint_bytes",
     "OPTIMIZER_STATE_COPIES", "training_state_bytes", "state_ratio", "total_state_bytes",
+    "measured_training_state_bytes", "measured_total_state_bytes",
 ]
 
 
@@ -580,3 +581,42 @@ def total_state_bytes(n_trainable, n_frozen, optimizer: str = "adam", dtype=np.f
     """
     return (training_state_bytes(n_trainable, optimizer, dtype)
             + checkpoint_bytes(n_frozen, _itemsize(dtype)))
+
+
+# ---------------------------------------------------------------------------------------------
+# measured: the same two quantities, read off a live model and optimizer
+# ---------------------------------------------------------------------------------------------
+
+def _nbytes_once(groups) -> int:
+    """Total bytes of the arrays in ``groups`` (dicts of name -> array), each array counted once
+    however many names point at it (a LoRA layer shares its frozen W with the base layer)."""
+    arrays = {}
+    for group in groups:
+        for a in group.values():
+            arrays[id(a)] = a
+    return int(sum(a.nbytes for a in arrays.values()))
+
+
+def measured_training_state_bytes(model, optimizer) -> int:
+    """What ``training_state_bytes`` predicts, measured from the arrays themselves::
+
+        Σ_trainable p.nbytes + Σ g.nbytes + optimizer.state_bytes()
+
+    (the parameters that train, their gradients, the optimizer's moments — Adam keeps m and v,
+    one array each per trainable parameter). Frozen weights are left out, as in the formula.
+    ``model``: anything with ``trainable_parameters()`` and ``gradients()``; ``optimizer``:
+    anything with ``state_bytes()``.
+    """
+    params = model.trainable_parameters()
+    grads = model.gradients()
+    return _nbytes_once([params, {n: grads[n] for n in params}]) + int(optimizer.state_bytes())
+
+
+def measured_total_state_bytes(model, optimizer) -> int:
+    """What ``total_state_bytes`` predicts, measured: ``measured_training_state_bytes`` plus
+    every frozen parameter array (each array counted once)."""
+    trainable = model.trainable_parameters()
+    frozen = {n: p for n, p in model.parameters().items() if n not in trainable}
+    shared = {id(p) for p in trainable.values()}
+    frozen = {n: p for n, p in frozen.items() if id(p) not in shared}
+    return measured_training_state_bytes(model, optimizer) + _nbytes_once([frozen])

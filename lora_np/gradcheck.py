@@ -150,10 +150,9 @@ def format_table(rows, title=None) -> str:
 
 
 def _randomize_lora(model, rng):
-    """Move every LoRA layer off the degenerate B = 0 init (see module docstring)."""
-    from .lora import lora_layers       # local import: gradcheck is a leaf module
-    for m in lora_layers(model).values():
-        m.B[...] = rng.standard_normal(m.B.shape) * 0.5
+    """Move every LoRA layer off the degenerate B = 0 init (``lora.randomize_lora``)."""
+    from .lora import randomize_lora    # local import: gradcheck is a leaf module
+    randomize_lora(model, rng)
 
 
 def _randomize_norms(model, rng):

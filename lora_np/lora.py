@@ -23,9 +23,10 @@ import numpy as np
 
 from . import functional as F
 from .modules import Linear, Module, make_rng
+from .validate import check_number
 
 __all__ = ["LoRALinear", "DoRALinear", "pissa_factors", "add_lora", "merge_lora", "unmerge_lora",
-           "save_adapter", "load_adapter", "lora_layers", "lora_scale", "INIT_SCHEMES"]
+           "save_adapter", "load_adapter", "lora_layers", "lora_scale", "randomize_lora", "INIT_SCHEMES"]
 
 INIT_SCHEMES = ("kaiming", "gaussian", "pissa")
 ADAPTER_FORMAT = "lora_np-adapter"
@@ -363,6 +364,28 @@ class DoRALinear(LoRALinear):
 def lora_layers(model: Module) -> dict[str, LoRALinear]:
     """Dotted path -> LoRALinear for every adapted layer in ``model``."""
     return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def randomize_lora(model: Module, rng=None, std: float = 0.5) -> Module:
+    """Move every LoRA layer of ``model`` off its ``B = 0`` init: ``B ← std · N(0, 1)`` entries.
+
+    For gradient checks. At the standard init B = 0 the true ``dA = s Bᵀ (dL/dW)`` is exactly
+    zero, so a wrong dA formula would pass a finite-difference check silently; with a random
+    non-zero B every factor has a non-zero gradient. This changes the model's function (the
+    layer no longer starts equal to its base), so never call it before training.
+
+    ``rng``: a Generator or an int seed (None means seed 0). Returns ``model`` (changed in place).
+    """
+    if not isinstance(model, Module):
+        raise TypeError(f"randomize_lora: model must be a lora_np Module, got {type(model).__name__}")
+    std = check_number("std", std, positive=True)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("randomize_lora: the model has no LoRA layers; call add_lora first")
+    rng = make_rng(rng)
+    for m in layers.values():
+        m.B[...] = rng.standard_normal(m.B.shape) * std
+    return model
 
 
 def _resolve_targets(model: Module, targets) -> dict[str, Module]:
