@@ -603,13 +603,13 @@ def plot_gradcheck_errors(results, threshold, path=None):
     pass threshold as a vertical line.
 
     results : list of (title, rows) with rows from ``lora_np.gradcheck.check_gradients``; rows
-    whose name ends with ``(=0)`` (structural zeros, absolute error) are drawn as crosses.
+    with ``structural_zero`` set (structural zeros, absolute error) are drawn as crosses.
     """
     with mpl.rc_context(TEACHING_STYLE):
         fig, ax = _figure(figsize=(11, 0.55 * len(results) + 1.8))
         for y, (title, rows) in enumerate(results):
-            rel = [r.rel_error for r in rows if not r.name.endswith("(=0)")]
-            zero = [r.rel_error for r in rows if r.name.endswith("(=0)")]
+            rel = [r.rel_error for r in rows if not r.structural_zero]
+            zero = [r.rel_error for r in rows if r.structural_zero]
             ax.semilogx(np.maximum(rel, 1e-16), [y] * len(rel), "o", color="C0", alpha=0.7)
             if zero:
                 ax.semilogx(np.maximum(zero, 1e-16), [y] * len(zero), "x", color="C1",
