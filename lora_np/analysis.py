@@ -4,7 +4,7 @@ A leaf module (NumPy only). Every function accepts float32 or float64 arrays (in
 are promoted to float64), never modifies its inputs, and returns results in the input's
 floating dtype or as Python scalars.
 
-Notation (DESIGN.md): ``W`` is (d_out, d_in); ``A`` is (r, d_in); ``B`` is (d_out, r);
+Notation (lora_np/README.md): ``W`` is (d_out, d_in); ``A`` is (r, d_in); ``B`` is (d_out, r);
 ``ΔW = scale · B @ A`` is (d_out, d_in). The SVD is ``M = U diag(σ) Vᵀ`` with
 σ₁ ≥ σ₂ ≥ … ≥ 0; the *left* singular vectors (columns of U) span M's column space, the
 *right* singular vectors (columns of V) its row space.
@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .validate import check_float_array, check_int
+
 __all__ = [
     "singular_values", "tail_energy", "energy_rank", "effective_rank",
     "row_space_basis", "column_space_basis",
@@ -38,36 +40,17 @@ __all__ = [
 # input checks (shared)
 # ---------------------------------------------------------------------------------------------
 
-def _as_float_array(x, name: str) -> np.ndarray:
-    """``x`` as a finite float32/float64 array (ints -> float64); never a copy-and-modify."""
-    arr = np.asarray(x)
-    if arr.dtype.kind in "iub":
-        arr = arr.astype(np.float64)
-    elif arr.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be a real float32/float64 array, got dtype {arr.dtype}")
-    if arr.size and not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite, got NaN or inf")
-    return arr
-
-
 def _as_matrix(M, name: str) -> np.ndarray:
-    arr = _as_float_array(M, name)
-    if arr.ndim != 2 or arr.size == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D array, got shape {arr.shape}")
-    return arr
+    return check_float_array(name, M, ndim=2)
 
 
 def _check_k(k, name: str, upper: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(k).__name__} {k!r}")
-    if not 1 <= k <= upper:
-        raise ValueError(f"{name} must be in [1, {upper}], got {k}")
-    return int(k)
+    return check_int(name, k, 1, upper)
 
 
 def _spectrum(M_or_s, name: str) -> np.ndarray:
     """Singular values, descending: from a matrix, or a checked 1-D array of them."""
-    arr = _as_float_array(M_or_s, name)
+    arr = check_float_array(name, M_or_s)
     if arr.ndim == 2:
         return singular_values(arr)
     if arr.ndim != 1 or arr.size == 0:
@@ -377,7 +360,7 @@ def random_subspace_baseline(i: int, j: int, d: int) -> float:
     -------
     float
     """
-    d = _check_k(d, "d", np.iinfo(np.int64).max)
+    d = check_int("d", d, 1)
     i = _check_k(i, "i", d)
     j = _check_k(j, "j", d)
     return max(i, j) / d

@@ -31,7 +31,7 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     value = int(value)
     if minimum is not None and maximum is not None and not minimum <= value <= maximum:
-        raise ValueError(f"{name} must satisfy {minimum} <= {name} <= {maximum}, got {name}={value}")
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {name}={value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
     if maximum is not None and value > maximum:
@@ -103,7 +103,7 @@ def check_float_array(name: str, value, ndim: int | None = None, finite: bool = 
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be a {ndim}-D array, got shape {arr.shape}")
     if arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+        raise ValueError(f"{name} must be a non-empty array, got shape {arr.shape}")
     if finite and not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be finite, got NaN or inf")
     return arr
