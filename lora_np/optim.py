@@ -1,9 +1,11 @@
 """Optimizers that update a module's *trainable* parameters in place.
 
-``SGD`` and ``Adam`` (AdamW-style decoupled weight decay, Loshchilov & Hutter 2019,
-arXiv 1711.05101). Both take ``lr_multipliers``: a dict from a parameter's last name
-(``"B"``) or its full dotted name (``"attn.q_proj.B"``) to a factor on the learning rate —
-LoRA+ (Hayou et al. 2024, arXiv 2402.12354) is ``lr_multipliers={"B": 16}``.
+``SGD`` and ``Adam`` (AdamW-style decoupled weight decay ``weight_decay``, written wd in the
+formulas; Loshchilov & Hutter 2019, arXiv 1711.05101). Both take ``lr_multipliers``: a dict
+from a parameter's last name (``"B"``) or its full dotted name (``"attn.q_proj.B"``) to a
+factor m_θ on the learning rate — LoRA+ (Hayou et al. 2024, arXiv 2402.12354) is
+``lr_multipliers={"B": λ}`` with λ = 16 (``loraplus_multipliers``). λ means LoRA+'s ratio
+and nothing else in this library.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from .validate import check_number
 
 __all__ = ["Optimizer", "SGD", "Adam", "loraplus_multipliers"]
 
@@ -25,16 +29,7 @@ def loraplus_multipliers(ratio: float = 16.0) -> dict[str, float]:
     DoRA's magnitude ``m`` keeps the base rate. Raises TypeError for a non-number and
     ValueError unless λ is finite and > 0 (λ < 1 is allowed, though the paper argues λ ≫ 1).
     """
-    return {"B": _check_positive("LoRA+ ratio λ", ratio)}
-
-
-def _check_positive(name, value, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    ok = value >= 0 if allow_zero else value > 0
-    if not (math.isfinite(value) and ok):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return float(value)
+    return {"B": check_number("LoRA+ ratio λ", ratio, positive=True)}
 
 
 class Optimizer:
@@ -43,7 +38,7 @@ class Optimizer:
 
     def __init__(self, model, lr, lr_multipliers=None):
         self.model = model
-        self.lr = _check_positive("lr", lr)
+        self.lr = check_number("lr", lr, positive=True)
         self.params = model.trainable_parameters()
         if not self.params:
             raise ValueError("optimizer: the model has no trainable parameters")
@@ -53,7 +48,7 @@ class Optimizer:
             if key not in names:
                 raise ValueError(f"lr_multipliers: {key!r} names no trainable parameter; "
                                  f"trainable names are {sorted(self.params)}")
-            _check_positive(f"lr_multipliers[{key!r}]", value)
+            check_number(f"lr_multipliers[{key!r}]", value, positive=True)
         self.lr_multipliers = lr_multipliers
         self.t = 0
 
@@ -91,7 +86,7 @@ class SGD(Optimizer):
 
     def __init__(self, model, lr, momentum=0.0, lr_multipliers=None):
         super().__init__(model, lr, lr_multipliers)
-        self.momentum = _check_positive("momentum", momentum, allow_zero=True)
+        self.momentum = check_number("momentum", momentum, nonnegative=True)
         if self.momentum >= 1:
             raise ValueError(f"momentum must be < 1, got {momentum}")
         self.velocity = {n: np.zeros_like(p) for n, p in self.params.items()} if self.momentum else {}
@@ -113,10 +108,13 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam with decoupled weight decay (AdamW when ``weight_decay > 0``)::
+    """Adam with decoupled weight decay wd = ``weight_decay`` (AdamW when wd > 0)::
 
         m ← β₁ m + (1 − β₁) g,        v ← β₂ v + (1 − β₂) g²
-        θ ← θ − lr·m_θ·λ θ − lr·m_θ · (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)
+        θ ← θ − lr·m_θ·wd·θ − lr·m_θ · (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)
+
+    (m_θ: θ's learning-rate multiplier.) The decay is outside the adaptive normalisation, so it
+    shrinks every weight by the factor (1 − lr·m_θ·wd), whatever its gradient.
     """
 
     def __init__(self, model, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -125,8 +123,8 @@ class Adam(Optimizer):
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
-        self.eps = _check_positive("eps", eps)
-        self.weight_decay = _check_positive("weight_decay", weight_decay, allow_zero=True)
+        self.eps = check_number("eps", eps, positive=True)
+        self.weight_decay = check_number("weight_decay", weight_decay, nonnegative=True)
         self.m = {n: np.zeros_like(p) for n, p in self.params.items()}
         self.v = {n: np.zeros_like(p) for n, p in self.params.items()}
 
@@ -148,7 +146,7 @@ class Adam(Optimizer):
             v *= f(b2)
             v += tmp                             # v ← β₂ v + (1 − β₂) g²
             if self.weight_decay:
-                p *= f(1 - lr * self.weight_decay)
+                p *= f(1 - lr * self.weight_decay)   # θ ← (1 − lr·m_θ·wd) θ
             np.sqrt(v, out=tmp)
             tmp *= f(1 / math.sqrt(bc2))
             tmp += f(self.eps)                   # √(v / (1 − β₂ᵗ)) + ε

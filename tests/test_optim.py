@@ -94,9 +94,9 @@ def test_adam_first_step_moves_each_weight_by_lr():
 
 
 def test_weight_decay_is_decoupled():
-    """AdamW: decay is lr·λ·θ, outside the adaptive normalisation. With a zero gradient the
-    weight shrinks by exactly (1 − lr·λ) per step; L2-in-the-gradient Adam would instead move
-    it by ≈ lr per step (the normalised g = λθ)."""
+    """AdamW: decay is lr·wd·θ, outside the adaptive normalisation. With a zero gradient the
+    weight shrinks by exactly (1 − lr·wd) per step; L2-in-the-gradient Adam would instead move
+    it by ≈ lr per step (the normalised g = wd·θ)."""
     lin = _tiny([[0.5, -2.0]])
     opt = Adam(lin, lr=0.1, weight_decay=0.2)
     for _ in range(3):
@@ -171,10 +171,10 @@ def _model():
 
 @pytest.mark.parametrize("opt", [SGD, Adam])
 @pytest.mark.parametrize("lr, exc, pattern", [
-    (0.0, ValueError, r"lr must be a finite number > 0, got 0\.0"),
-    (-1e-3, ValueError, r"lr must be a finite number > 0, got -0\.001"),
-    (float("nan"), ValueError, r"lr must be a finite number > 0, got nan"),
-    (float("inf"), ValueError, r"lr must be a finite number > 0, got inf"),
+    (0.0, ValueError, r"lr must be a finite number > 0, got lr=0\.0"),
+    (-1e-3, ValueError, r"lr must be a finite number > 0, got lr=-0\.001"),
+    (float("nan"), ValueError, r"lr must be a finite number > 0, got lr=nan"),
+    (float("inf"), ValueError, r"lr must be a finite number > 0, got lr=inf"),
     ("0.1", TypeError, r"lr must be a number, got '0\.1'"),
     (True, TypeError, r"lr must be a number, got True"),
 ], ids=["zero", "negative", "nan", "inf", "str", "bool"])
@@ -200,7 +200,7 @@ def test_unknown_lr_multiplier_key_raises(opt):
 def test_non_positive_lr_multiplier_raises(opt):
     model = _model()
     snap = Snapshot(model)
-    with pytest.raises(ValueError, match=r"lr_multipliers\['B'\] must be a finite number > 0, got -2"):
+    with pytest.raises(ValueError, match=r"lr_multipliers\['B'\] must be a finite number > 0, got lr_multipliers\['B'\]=-2\.0"):
         opt(model, lr=1e-3, lr_multipliers={"B": -2})
     snap.assert_unchanged()
 
@@ -208,8 +208,8 @@ def test_non_positive_lr_multiplier_raises(opt):
 @pytest.mark.parametrize("kwargs, pattern", [
     ({"betas": (0.9, 1.0)}, r"betas must be two numbers in \[0, 1\), got \(0\.9, 1\.0\)"),
     ({"betas": (0.9,)}, r"betas must be two numbers in \[0, 1\), got \(0\.9,\)"),
-    ({"eps": 0.0}, r"eps must be a finite number > 0, got 0\.0"),
-    ({"weight_decay": -0.1}, r"weight_decay must be a finite number >= 0, got -0\.1"),
+    ({"eps": 0.0}, r"eps must be a finite number > 0, got eps=0\.0"),
+    ({"weight_decay": -0.1}, r"weight_decay must be a finite number >= 0, got weight_decay=-0\.1"),
 ], ids=["beta2=1", "one-beta", "eps0", "negative-wd"])
 def test_bad_adam_hyperparameters_raise(kwargs, pattern):
     model = _model()
@@ -220,7 +220,7 @@ def test_bad_adam_hyperparameters_raise(kwargs, pattern):
 
 
 @pytest.mark.parametrize("momentum, pattern", [(1.0, "momentum must be < 1, got 1.0"),
-                                               (-0.5, "momentum must be a finite number >= 0, got -0.5")])
+                                               (-0.5, "momentum must be a finite number >= 0, got momentum=-0.5")])
 def test_bad_momentum_raises(momentum, pattern):
     model = _model()
     snap = Snapshot(model)
