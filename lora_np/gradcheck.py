@@ -25,22 +25,48 @@ The ladder (float64, one layer, h = 1e-6):
     1e-4 .. 1e-7     fine for deep stacks of layers, suspicious for one layer
     <= 1e-7          good — the default threshold of ``check_gradients``
 
+Checking your own model. LoRA starts at ``B = 0``, where the true ``dA = s Bᵀ (dL/dW)`` is 0
+and a wrong dA formula passes any check; and with ``s = 1`` a formula that applies the scale twice
+gives the right numbers. So move the model off that point first, with ``s ≠ 1``::
+
+    model = lora_np.add_lora(lora_np.MLP(5, 7, 4, rng=0), ["fc1"], r=2, alpha=5.0, rng=0)
+    lora_np.randomize_lora(model, rng=0)          # B random and non-zero
+    x = np.random.default_rng(1).standard_normal((3, 5))
+    print(format_table(check_gradients(model, x)))
+
+``check_gradients`` needs a float64 module in training mode (backward differentiates the forward
+of training mode; an eval-mode forward keeps nothing for backward) whose forward is a
+deterministic function of x and the parameters. It refuses, with a ValueError, dropout > 0 in
+training mode (a new mask per forward would make every row fail with rel_error ≈ 1) and a forward
+that gives two different outputs for the same x. A row that fails says why in ``reason``.
+
 ``python -m lora_np.gradcheck`` prints the table for every layer and block, LoRA and full,
-and exits with status 1 if any check fails.
+and exits with status 1 if any check fails (``--help`` for its options).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import NamedTuple
 
 import numpy as np
+
+from .validate import check_bool, check_float_array, check_int, check_number
 
 __all__ = ["numerical_gradient", "rel_error", "check_gradients", "GradCheckRow",
            "format_table", "DEFAULT_THRESHOLD"]
 
 DEFAULT_THRESHOLD = 1e-7
 TINY = 1e-300
+# A structural zero (true gradient 0 for every input) passes when both gradients are 0 up to
+# round-off: the analytic one is a sum of exactly cancelling terms (≈ 1e-16), the numerical one
+# is the O(ε_mach |f| / h) ≈ 1e-10 noise of the centered difference.
+ZERO_ANALYTIC = 1e-12        # bound on ‖analytic‖
+ZERO_NUMERICAL = 1e-7        # bound on max |numerical|
+# Two forwards of a deterministic module on the same x may differ by round-off (a BLAS that is
+# not bit-reproducible); dropout or other random state differs by O(|y|).
+REPEAT_RTOL = 1e-12
 
 
 def rel_error(a, n) -> float:
@@ -61,6 +87,7 @@ def numerical_gradient(f, x, dout=None, h=1e-6):
     if not isinstance(x, np.ndarray) or x.dtype != np.float64:
         raise TypeError("numerical_gradient needs a float64 array (float32 round-off swamps the "
                         f"differences), got {getattr(x, 'dtype', type(x).__name__)}")
+    h = check_number("h", h, positive=True)
 
     def scalar():
         out = f()
@@ -99,71 +126,147 @@ def check_gradients(module, x, threshold=DEFAULT_THRESHOLD, seed=0, h=1e-6, chec
     error is ≤ ``threshold`` *and* the gradient is not all zeros (a zero gradient would hide a
     wrong formula, e.g. dA at the standard B = 0 init). The one exception are parameters that
     ``module.known_zero_gradients()`` names (the attention key bias): their true gradient is 0
-    for every input, so the row, with ``structural_zero=True``, passes when both gradients are ~0 and shows
-    the max absolute error instead of a relative one.
+    for every input, so the row, with ``structural_zero=True``, passes when ‖analytic‖ ≤ 1e-12
+    and max |numerical| ≤ 1e-7, and shows the max absolute error instead of a relative one.
+    A failed row says why in ``reason``.
 
-    The module must be float64 and deterministic (no dropout in training mode).
+    Raises TypeError for a module that is not a float64 lora_np Module, and ValueError for one
+    that cannot be checked: in eval mode, with dropout > 0 in training mode, or with a forward
+    that is not a deterministic function of ``x`` (see the module docstring).
     Returns a list of ``GradCheckRow``.
     """
-    x = np.array(x, dtype=np.float64)          # own copy: the checker perturbs it
-    for name, p in module.parameters().items():
-        if p.dtype != np.float64:
-            raise TypeError(f"check_gradients needs a float64 module; {name} is {p.dtype}")
+    threshold = check_number("threshold", threshold, positive=True)
+    h = check_number("h", h, positive=True)
+    seed = check_int("seed", seed, minimum=0)
+    check_input = check_bool("check_input", check_input)
+    x = np.array(check_float_array("x", x), dtype=np.float64)   # own copy: the checker perturbs it
+    _check_checkable(module)
     rng = np.random.default_rng(seed)
-    y = module.forward(x)
+    y = _repeatable_forward(module, x)
     dout = rng.standard_normal(y.shape)
     module.zero_grad()
     dx = module.backward(dout)
     analytic = {n: g.copy() for n, g in module.gradients().items()}
-    if check_input:
-        analytic["x"] = dx
     targets = dict(module.trainable_parameters())
     if check_input:
-        targets["x"] = x
+        analytic["x"], targets["x"] = dx, x
 
     zeros = module.known_zero_gradients()
-    rows = []
-    for name, arr in targets.items():
-        num = numerical_gradient(lambda: module.forward(x), arr, dout=dout, h=h)
-        a = analytic[name]
-        err, abs_err = rel_error(a, num), float(np.abs(a - num).max())
-        norm = float(np.linalg.norm(a))
-        if name in zeros:
-            # true gradient is 0 by the math (e.g. the key bias); a relative error is
-            # meaningless, so both must be zero up to round-off instead
-            num_max = float(np.abs(num).max())
-            passed = norm <= 1e-12 and num_max <= 1e-7
-            reason = "" if passed else (f"structurally zero, but |analytic| = {norm:.1e} > 1e-12 or "
-                                        f"max|numerical| = {num_max:.1e} > 1e-7")
-            rows.append(GradCheckRow(name, tuple(arr.shape), abs_err, abs_err, norm, passed,
-                                     structural_zero=True, reason=reason))
-            continue
-        if norm == 0:
-            reason = "the analytic gradient is all zeros (a degenerate point hides a wrong formula)"
-        elif err > threshold:
-            reason = f"rel_error {err:.1e} > {threshold:.0e}"
-        else:
-            reason = ""
-        rows.append(GradCheckRow(name, tuple(arr.shape), err, abs_err, norm, not reason, reason=reason))
+    rows = [_row(name, analytic[name],
+                 numerical_gradient(lambda: module.forward(x), arr, dout=dout, h=h),
+                 threshold, structural=name in zeros)
+            for name, arr in targets.items()]
     module.forward(x)          # leave a fresh forward state, as after a normal forward
     return rows
 
 
+def _check_checkable(module):
+    """Refuse, before any forward, a module whose gradient this checker cannot check."""
+    from .modules import Module          # local import: gradcheck is a leaf module
+    if not isinstance(module, Module):
+        raise TypeError(f"check_gradients needs a lora_np Module, got {type(module).__name__}")
+    for name, p in module.parameters().items():
+        if p.dtype != np.float64:
+            raise TypeError(f"check_gradients needs a float64 module; {name} is {p.dtype}")
+    for path, m in module.named_modules():
+        where = f"{path} ({type(m).__name__})" if path else type(m).__name__
+        if not m.training:
+            raise ValueError(
+                f"check_gradients: {where} is in eval mode, where forward keeps nothing for "
+                "backward, so there is no analytic gradient to check; call module.train() "
+                "first (with dropout 0: the check needs a deterministic forward)")
+        p = getattr(m, "dropout", 0.0)
+        if p > 0:
+            raise ValueError(
+                f"check_gradients: {where} has dropout {p} in training mode, so every forward "
+                "draws a new mask and the finite differences would compare different functions "
+                "(rel_error ≈ 1 on every row). Set its dropout to 0 for the check "
+                "(layer.dropout = 0.0), or check the layer's functions with one fixed mask: "
+                "functional.lora_linear_forward(x, W, b, A, B, scale, dropout_mask=mask) "
+                "(or dora_linear_forward) and numerical_gradient")
+
+
+def _repeatable_forward(module, x):
+    """``forward(x)`` twice: refuse a forward that is not a deterministic function of x (random
+    state such as a noise draw, or a forward that changes the module) or that changes x itself
+    — either would make the finite differences compare different functions. Returns the output
+    of the second call, whose forward state the following backward consumes."""
+    x_before = x.copy()
+    y1 = np.array(module.forward(x))                 # a copy: forward may reuse its buffers
+    y2 = np.asarray(module.forward(x))
+    if not np.array_equal(x, x_before):
+        raise ValueError("check_gradients: forward(x) changed its input x in place; the checker "
+                         "perturbs x entry by entry and needs forward to leave it as it was")
+    scale = float(np.max(np.abs(y1), initial=0.0, where=np.isfinite(y1)))
+    if y1.shape != y2.shape or not np.allclose(y1, y2, rtol=0, atol=REPEAT_RTOL * scale,
+                                               equal_nan=True):
+        diff = (f"max |difference| {np.nanmax(np.abs(y2 - y1)):.1e}" if y1.shape == y2.shape
+                else f"shapes {y1.shape} and {y2.shape}")
+        raise ValueError(f"check_gradients: forward(x) gave two different outputs for the same x "
+                         f"({diff}); the checker needs forward to be a deterministic function of "
+                         "x and the parameters (no random state such as dropout or noise, no "
+                         "forward that changes the module)")
+    return y2
+
+
+def _row(name, a, num, threshold, structural) -> GradCheckRow:
+    """One row: analytic gradient ``a`` against numerical ``num``, and why it fails if it does."""
+    err, abs_err = rel_error(a, num), float(np.abs(a - num).max())
+    norm = float(np.linalg.norm(a))
+    if structural:
+        # the true gradient is 0 by the math: a relative error of two round-off noises is
+        # meaningless, so both must be zero up to round-off instead
+        reason = _structural_zero_reason(norm, float(np.abs(num).max()))
+        return GradCheckRow(name, tuple(a.shape), abs_err, abs_err, norm, not reason,
+                            structural_zero=True, reason=reason)
+    reason = _failure_reason(a, num, err, norm, threshold)
+    return GradCheckRow(name, tuple(a.shape), err, abs_err, norm, not reason, reason=reason)
+
+
+def _failure_reason(a, num, err, norm, threshold) -> str:
+    """Why an ordinary row fails ("" if it passes). ``not err <= threshold`` also fails a NaN."""
+    for what, g in (("analytic", a), ("numerical", num)):
+        if not np.all(np.isfinite(g)):
+            return f"the {what} gradient has NaN or inf entries"
+    if norm == 0 and not err <= threshold:
+        return f"the analytic gradient is all zeros but the numerical one is not (rel_error {err:.1e})"
+    if norm == 0:
+        return ("the analytic gradient is all zeros, and so is the numerical one: at this point "
+                "a wrong formula would pass too (B = 0? call lora_np.randomize_lora first)")
+    if not err <= threshold:
+        return f"rel_error {err:.1e} > threshold {threshold:g}"
+    return ""
+
+
+def _structural_zero_reason(norm, num_max) -> str:
+    """Why a structural-zero row fails ("" if both gradients are zero up to round-off)."""
+    bad = []
+    if not norm <= ZERO_ANALYTIC:
+        bad.append(f"‖analytic‖ = {norm:.1e} > {ZERO_ANALYTIC:g}")
+    if not num_max <= ZERO_NUMERICAL:
+        bad.append(f"max |numerical| = {num_max:.1e} > {ZERO_NUMERICAL:g}")
+    return "structurally zero, but " + " and ".join(bad) if bad else ""
+
+
 def format_table(rows, title=None) -> str:
-    """The rows as an aligned text table."""
+    """The rows as an aligned text table, one line per row, then a legend if a structural zero is
+    shown and one line per failed row saying why.
+
+    A structural-zero row shows ``=0`` in the rel_error column: its true gradient is 0, a ratio
+    of two round-off noises means nothing, and the row is judged by ``max|a-n|`` and ``|grad|``.
+    """
     lines = [title] if title else []
     lines.append(f"  {'parameter':<22} {'shape':<14} {'rel_error':>10} {'max|a-n|':>10} "
                  f"{'|grad|':>9}  ok")
     for r in rows:
-        lines.append(f"  {r.name:<22} {str(r.shape):<14} {r.rel_error:>10.1e} "
-                     f"{r.max_abs_error:>10.1e} {r.grad_norm:>9.2e}  {'yes' if r.passed else 'NO'}")
+        rel = f"{'=0':>10}" if r.structural_zero else f"{r.rel_error:>10.1e}"
+        lines.append(f"  {r.name:<22} {str(r.shape):<14} {rel} {r.max_abs_error:>10.1e} "
+                     f"{r.grad_norm:>9.2e}  {'yes' if r.passed else 'NO'}")
+    if any(r.structural_zero for r in rows):
+        lines.append(f"  =0: true gradient 0 for every input; passes when |grad| <= {ZERO_ANALYTIC:g} "
+                     f"and max|numerical| <= {ZERO_NUMERICAL:g}")
+    lines += [f"  FAILED {r.name}: {r.reason}" for r in rows if not r.passed]
     return "\n".join(lines)
-
-
-def _randomize_lora(model, rng):
-    """Move every LoRA layer off the degenerate B = 0 init (``lora.randomize_lora``)."""
-    from .lora import randomize_lora    # local import: gradcheck is a leaf module
-    randomize_lora(model, rng)
 
 
 def _randomize_norms(model, rng):
@@ -177,7 +280,7 @@ def _randomize_norms(model, rng):
 def standard_cases():
     """(title, module, x) for every layer and block, full fine-tuning and LoRA (default, PiSSA
     and DoRA init), each at a non-degenerate point: random non-zero B, scale ≠ 1, random biases."""
-    from .lora import DoRALinear, LoRALinear, add_lora
+    from .lora import DoRALinear, LoRALinear, add_lora, randomize_lora   # local: gradcheck is a leaf
     from .modules import MLP, Linear, MultiHeadAttention, TransformerBlock
 
     rng = np.random.default_rng(0)
@@ -185,7 +288,7 @@ def standard_cases():
 
     def with_lora(model, targets, r, alpha):
         add_lora(model, targets, r=r, alpha=alpha, rng=rng)
-        _randomize_lora(model, rng)
+        randomize_lora(model, rng)
         return model
 
     lin = Linear(6, 5, rng=rng)
@@ -193,7 +296,7 @@ def standard_cases():
     cases.append(("Linear (full)", lin, rng.standard_normal((4, 6))))
     for r in (1, 5):
         layer = LoRALinear(Linear(6, 5, rng=rng), r=r, alpha=3.0, rng=rng)
-        _randomize_lora(layer, rng)
+        randomize_lora(layer, rng)
         cases.append((f"LoRALinear r={r} (scale {layer.scale:.2f})", layer, rng.standard_normal((2, 3, 6))))
     pissa = LoRALinear(Linear(6, 5, rng=rng), r=2, alpha=3.0, init="pissa", rng=rng)
     cases.append((f"LoRALinear r=2, PiSSA init (scale {pissa.scale:.2f})", pissa, rng.standard_normal((3, 6))))
@@ -201,7 +304,7 @@ def standard_cases():
     # the forward, so finite differences would rightly reject it; tests/test_dora.py checks it
     # against the forward with the norm frozen). m moved off its init (the row norms of W).
     dora = DoRALinear(Linear(6, 5, rng=rng), r=2, alpha=3.0, rng=rng)
-    _randomize_lora(dora, rng)
+    randomize_lora(dora, rng)
     dora.m[...] = dora.m * (1 + 0.3 * rng.standard_normal(dora.m.shape))
     cases.append((f"DoRALinear r=2, exact gradient (scale {dora.scale:.2f})", dora, rng.standard_normal((2, 3, 6))))
     for act in ("gelu", "tanh", "relu"):
@@ -227,17 +330,39 @@ def standard_cases():
     return cases
 
 
-def main() -> int:
-    n_checks, worst, failed = 0, 0.0, []
+def _threshold_arg(text: str) -> float:
+    try:
+        return check_number("--threshold", float(text), positive=True)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_np.gradcheck",
+        description="Check every gradient of every layer and block of lora_np (full fine-tuning "
+                    "and LoRA, default/PiSSA/DoRA init) against centered finite differences in "
+                    "float64, print one table per case and a summary; exit 1 if any check fails.")
+    parser.add_argument("--threshold", type=_threshold_arg, default=DEFAULT_THRESHOLD,
+                        help="largest relative error a row may have and pass "
+                             f"(default {DEFAULT_THRESHOLD:g})")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """``python -m lora_np.gradcheck [--threshold T]``; returns the exit status (1 if any row fails)."""
+    threshold = _parse_args(argv).threshold
+    n_checks, n_zero, worst, failed = 0, 0, 0.0, []
     for title, module, x in standard_cases():
-        rows = check_gradients(module, x)
+        rows = check_gradients(module, x, threshold=threshold)
         print(format_table(rows, title=title))
         print()
         n_checks += len(rows)
-        worst = max(worst, max(r.rel_error for r in rows if not r.structural_zero))
+        n_zero += sum(r.structural_zero for r in rows)
+        worst = max(worst, max((r.rel_error for r in rows if not r.structural_zero), default=0.0))
         failed += [f"{title}: {r.name}: {r.reason}" for r in rows if not r.passed]
-    print(f"{n_checks} gradients checked, worst relative error {worst:.1e} "
-          f"(threshold {DEFAULT_THRESHOLD:.0e}); {len(failed)} failed")
+    print(f"{n_checks} gradients checked ({n_zero} structural zeros), worst "
+          f"relative error {worst:.1e} (threshold {threshold:g}); {len(failed)} failed")
     for f in failed:
         print(f"  FAILED {f}")
     return 1 if failed else 0

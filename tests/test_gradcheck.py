@@ -10,7 +10,7 @@ import pytest
 from conftest import randomize
 
 import lora_np.functional as F
-from lora_np import Linear, LoRALinear, MLP, lora_layers
+from lora_np import DoRALinear, Linear, LoRALinear, MLP, MultiHeadAttention, add_lora, lora_layers
 from lora_np import gradcheck as gc
 from lora_np.gradcheck import check_gradients, format_table, numerical_gradient, rel_error
 
@@ -133,6 +133,148 @@ def test_check_gradients_needs_a_float64_module():
         check_gradients(lin, np.ones((2, 3)))
 
 
+def test_check_gradients_names_why_a_wrong_gradient_fails(rng, monkeypatch):
+    right = F.linear_backward
+    monkeypatch.setattr(F, "linear_backward",
+                        lambda dy, cache: (lambda dx, dW, db: (dx, dW, 1.1 * db))(*right(dy, cache)))
+    rows = {r.name: r for r in check_gradients(randomize(Linear(4, 3, rng=rng), rng),
+                                               rng.standard_normal((5, 4)))}
+    assert re.fullmatch(r"rel_error \d\.\de-\d\d > threshold 1e-07", rows["b"].reason), rows["b"].reason
+    assert rows["W"].reason == "" and rows["x"].reason == ""
+
+
+def test_check_gradients_names_a_degenerate_zero_gradient(rng):
+    rows = {r.name: r for r in check_gradients(LoRALinear(Linear(5, 4, rng=rng), r=2, alpha=3.0, rng=rng),
+                                               rng.standard_normal((3, 5)))}
+    assert "all zeros, and so is the numerical one" in rows["A"].reason
+    assert "randomize_lora" in rows["A"].reason
+
+
+def test_check_gradients_names_a_missing_gradient(rng, monkeypatch):
+    """A backward that forgets db: the analytic gradient is 0 but the true one is not."""
+    right = F.linear_backward
+    monkeypatch.setattr(F, "linear_backward",
+                        lambda dy, cache: (lambda dx, dW, db: (dx, dW, 0 * db))(*right(dy, cache)))
+    rows = {r.name: r for r in check_gradients(randomize(Linear(4, 3, rng=rng), rng),
+                                               rng.standard_normal((5, 4)))}
+    assert not rows["b"].passed
+    assert rows["b"].reason.startswith("the analytic gradient is all zeros but the numerical one is not")
+
+
+def test_check_gradients_fails_a_nan_gradient(rng, monkeypatch):
+    """NaN > threshold is False: a NaN gradient used to pass with an empty reason."""
+    right = F.linear_backward
+    monkeypatch.setattr(F, "linear_backward",
+                        lambda dy, cache: (lambda dx, dW, db: (dx, dW, db * np.nan))(*right(dy, cache)))
+    rows = {r.name: r for r in check_gradients(randomize(Linear(4, 3, rng=rng), rng),
+                                               rng.standard_normal((5, 4)))}
+    assert not rows["b"].passed and rows["b"].reason == "the analytic gradient has NaN or inf entries"
+
+
+def test_structural_zero_is_a_field_and_says_why_it_fails(rng, monkeypatch):
+    mha = randomize(MultiHeadAttention(8, 2, rng=rng), rng)
+    rows = {r.name: r for r in check_gradients(mha, rng.standard_normal((2, 3, 8)))}
+    assert "k_proj.b" in rows                                      # the name carries no marker
+    assert rows["k_proj.b"].structural_zero and rows["k_proj.b"].passed
+    assert not any(r.structural_zero for n, r in rows.items() if n != "k_proj.b")
+    # claim that q_proj.b is structurally zero: its real gradient must fail the row, saying why
+    monkeypatch.setattr(mha, "known_zero_gradients", lambda: {"q_proj.b"})
+    row = next(r for r in check_gradients(mha, rng.standard_normal((2, 3, 8))) if r.name == "q_proj.b")
+    assert row.structural_zero and not row.passed
+    assert re.fullmatch(r"structurally zero, but ‖analytic‖ = \S+ > 1e-12 and "
+                        r"max \|numerical\| = \S+ > 1e-07", row.reason), row.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# what check_gradients refuses
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
+def test_check_gradients_refuses_dropout_in_training_mode(rng, cls):
+    layer = randomize(cls(Linear(6, 5, rng=rng), r=2, alpha=3.0, dropout=0.3, rng=rng), rng)
+    x = rng.standard_normal((4, 6))
+    state = layer._rng.bit_generator.state                         # the layer's mask generator
+    params = {n: p.copy() for n, p in layer.parameters().items()}
+    with pytest.raises(ValueError, match=r"has dropout 0\.3 in training mode.*dropout to 0.*"
+                                         r"dropout_mask=mask"):
+        check_gradients(layer, x)
+    assert layer._rng.bit_generator.state == state                 # refused before any forward
+    for n, p in layer.parameters().items():
+        np.testing.assert_array_equal(p, params[n])
+    layer.dropout = 0.0                                            # the advice works
+    assert all(r.passed for r in check_gradients(layer, x))
+
+
+def test_check_gradients_names_the_layer_with_dropout_deep_in_a_model(rng):
+    mlp = add_lora(MLP(5, 7, 4, rng=rng), ["fc2"], r=2, alpha=5.0, dropout=0.1, rng=rng)
+    with pytest.raises(ValueError, match=r"^check_gradients: fc2 \(LoRALinear\) has dropout 0\.1"):
+        check_gradients(mlp, rng.standard_normal((3, 5)))
+
+
+def test_check_gradients_refuses_eval_mode(rng):
+    layer = randomize(LoRALinear(Linear(6, 5, rng=rng), r=2, alpha=3.0, dropout=0.3, rng=rng), rng)
+    layer.eval()
+    with pytest.raises(ValueError, match=r"LoRALinear is in eval mode.*call module\.train\(\)"):
+        check_gradients(layer, rng.standard_normal((4, 6)))
+    assert not layer.training
+
+
+def test_check_gradients_refuses_a_random_forward(rng, monkeypatch):
+    """Any forward that is not a function of x — here noise added by a patched linear_forward."""
+    right, noise = F.linear_forward, np.random.default_rng(0)
+    monkeypatch.setattr(F, "linear_forward", lambda x, W, b: (lambda y, c: (y + 1e-3 * noise.standard_normal(y.shape), c))(*right(x, W, b)))
+    with pytest.raises(ValueError, match=r"forward\(x\) gave two different outputs for the same x "
+                                         r"\(max \|difference\| \S+\).*deterministic"):
+        check_gradients(randomize(Linear(4, 3, rng=rng), rng), rng.standard_normal((5, 4)))
+
+
+def test_check_gradients_refuses_a_forward_that_changes_x(rng, monkeypatch):
+    right = F.linear_forward
+
+    def changes_x(x, W, b):
+        out = right(x, W, b)
+        x *= 1.5
+        return out
+    monkeypatch.setattr(F, "linear_forward", changes_x)
+    with pytest.raises(ValueError, match=r"forward\(x\) changed its input x in place"):
+        check_gradients(randomize(Linear(4, 3, rng=rng), rng), rng.standard_normal((5, 4)))
+
+
+def test_check_gradients_tolerates_round_off_between_two_forwards(rng, monkeypatch):
+    """A BLAS that is not bit-reproducible differs by round-off between calls: not refused."""
+    right, calls = F.linear_forward, []
+
+    def jitter(x, W, b):
+        y, c = right(x, W, b)
+        calls.append(1)
+        return y * (1 + 1e-15 * (len(calls) % 2)), c
+    monkeypatch.setattr(F, "linear_forward", jitter)
+    rows = check_gradients(randomize(Linear(4, 3, rng=rng), rng), rng.standard_normal((5, 4)))
+    assert all(r.passed for r in rows)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"threshold": -1e-7}, ValueError, r"threshold must be .*> 0"),
+    ({"threshold": "1e-7"}, TypeError, r"threshold must be a number"),
+    ({"h": 0.0}, ValueError, r"h must be .*> 0"),
+    ({"seed": 1.5}, TypeError, "seed must be an int"),
+    ({"check_input": "yes"}, TypeError, "check_input must be True or False"),
+    ({"x": np.array([[1.0, np.nan, 0.0, 0.0]])}, ValueError, r"x must be .*finite"),
+    ({"x": np.zeros((0, 4))}, ValueError, r"x must .*(empty|non-empty)"),
+], ids=["threshold<0", "threshold-str", "h=0", "seed-float", "check_input-str", "x-nan", "x-empty"])
+def test_check_gradients_validates_its_arguments(rng, kwargs, error, match):
+    lin = randomize(Linear(4, 3, rng=rng), rng)
+    kwargs = {"x": rng.standard_normal((2, 4)), **kwargs}
+    with pytest.raises(error, match=match):
+        check_gradients(lin, **kwargs)
+
+
+def test_check_gradients_needs_a_module():
+    with pytest.raises(TypeError, match="needs a lora_np Module, got function"):
+        check_gradients(lambda x: x, np.ones((2, 3)))
+
+
 def test_format_table_lists_every_row(rng):
     mlp = randomize(MLP(3, 4, 2, rng=rng), rng)
     text = format_table(check_gradients(mlp, rng.standard_normal((2, 3))), title="MLP")
@@ -140,6 +282,21 @@ def test_format_table_lists_every_row(rng):
     assert lines[0] == "MLP" and "rel_error" in lines[1]
     for name in ("fc1.W", "fc1.b", "fc2.W", "fc2.b", "x"):
         assert any(line.split()[0] == name and line.rstrip().endswith("yes") for line in lines[2:])
+
+
+def test_format_table_marks_structural_zeros_and_says_why_rows_failed(rng, monkeypatch):
+    mha = randomize(MultiHeadAttention(8, 2, rng=rng), rng)
+    text = format_table(check_gradients(mha, rng.standard_normal((2, 3, 8))))
+    line = next(line for line in text.splitlines() if line.split()[0] == "k_proj.b")
+    assert line.split()[1:3] == ["(8,)", "=0"] and line.endswith("yes")
+    assert "=0: true gradient 0 for every input; passes when |grad| <= 1e-12" in text
+    assert "FAILED" not in text
+    right = F.linear_backward
+    monkeypatch.setattr(F, "linear_backward",
+                        lambda dy, cache: (lambda dx, dW, db: (dx, dW, 1.1 * db))(*right(dy, cache)))
+    text = format_table(check_gradients(randomize(Linear(4, 3, rng=rng), rng), rng.standard_normal((5, 4))))
+    assert "=0" not in text                                         # no legend without a structural zero
+    assert re.search(r"^  FAILED b: rel_error \S+ > threshold 1e-07$", text, re.M), text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,12 +320,43 @@ def test_python_m_lora_np_gradcheck_exits_0_and_prints_the_summary():
     proc = subprocess.run([sys.executable, "-m", "lora_np.gradcheck"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    m = re.search(r"^(\d+) gradients checked, worst relative error (\S+) \(threshold 1e-07\); 0 failed$",
-                  proc.stdout, re.M)
+    m = re.search(r"^(\d+) gradients checked \((\d+) structural zeros\), worst relative error (\S+) "
+                  r"\(threshold 1e-07\); 0 failed$", proc.stdout, re.M)
     assert m, proc.stdout[-500:]
-    assert int(m.group(1)) >= 50 and float(m.group(2)) <= 1e-7
-    assert "k_proj.b (=0)" in proc.stdout                      # the key bias row is shown
+    assert int(m.group(1)) >= 50 and int(m.group(2)) == 3 and float(m.group(3)) <= 1e-7
+    # the key bias row is shown, marked =0 in the rel_error column (not in its name)
+    assert re.search(r"^  k_proj\.b +\(8,\) +=0 +\S+ +\S+  yes$", proc.stdout, re.M)
+    assert "(=0)" not in proc.stdout
     assert " NO" not in proc.stdout
+
+
+def test_python_m_lora_np_gradcheck_help_prints_help_and_runs_nothing():
+    proc = subprocess.run([sys.executable, "-m", "lora_np.gradcheck", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m lora_np.gradcheck") and "--threshold" in proc.stdout
+    assert "gradients checked" not in proc.stdout and "parameter" not in proc.stdout
+
+
+@pytest.mark.parametrize("argv, match", [(["--bogus"], "unrecognized arguments: --bogus"),
+                                         (["--threshold", "-1"], "expected a number > 0, got '-1'"),
+                                         (["--threshold", "nan"], "expected a number > 0, got 'nan'")])
+def test_gradcheck_main_rejects_bad_flags_with_usage(argv, match, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gc.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m lora_np.gradcheck") and match in err
+
+
+def test_gradcheck_main_threshold_is_used(monkeypatch, capsys):
+    """--threshold sets every row's bound: 1e-12 is below round-off, so rows fail, saying why."""
+    first = gc.standard_cases()[:1]                                # Linear (full): W, b, x
+    monkeypatch.setattr(gc, "standard_cases", lambda: first)
+    assert gc.main(["--threshold", "1e-12"]) == 1
+    out = capsys.readouterr().out
+    assert "(threshold 1e-12); 3 failed" in out
+    assert re.search(r"^  FAILED Linear \(full\): W: rel_error \S+ > threshold 1e-12$", out, re.M)
 
 
 def test_gradcheck_main_fails_on_a_planted_bug(monkeypatch, capsys):
@@ -178,7 +366,20 @@ def test_gradcheck_main_fails_on_a_planted_bug(monkeypatch, capsys):
         dx, dA, dB = right(dy, cache)
         return dx, dA, dB.T.T * 0.5                            # half of dB
     monkeypatch.setattr(F, "lora_linear_backward", wrong)
-    assert gc.main() == 1
+    assert gc.main([]) == 1
     out = capsys.readouterr().out
-    assert re.search(r"\d+ gradients checked, .*; [1-9]\d* failed", out)
-    assert "FAILED LoRALinear r=1" in out and ": B" in out
+    assert re.search(r"\d+ gradients checked .*; [1-9]\d* failed", out)
+    assert re.search(r"^  FAILED LoRALinear r=1 \(scale 3\.00\): B: rel_error \S+ > threshold 1e-07$",
+                     out, re.M)
+
+
+def test_standard_cases_use_the_public_randomize_lora(monkeypatch):
+    """The checker moves B off zero with lora_np.randomize_lora, the helper a user calls too."""
+    import lora_np.lora as lora_mod
+    calls = []
+    right = lora_mod.randomize_lora
+    monkeypatch.setattr(lora_mod, "randomize_lora", lambda model, rng=None, std=0.5:
+                        calls.append(type(model).__name__) or right(model, rng, std))
+    gc.standard_cases()
+    assert not hasattr(gc, "_randomize_lora")
+    assert calls.count("LoRALinear") == 2 and "DoRALinear" in calls and "MLP" in calls
