@@ -14,8 +14,12 @@ Every op is a pair, in the style of the CS231n layer files::
 * dtype in = dtype out. Scalars are turned into the input's dtype before they touch an array,
   because NumPy 2 promotes ``float32_array * np.float64(s)`` to float64.
 
-Notation (DESIGN.md): ``W`` (d_out, d_in), ``b`` (d_out,), ``A`` (r, d_in), ``B`` (d_out, r),
-``scale`` = s, ``G`` = dL/dY, ``H`` = X Aᵀ.
+Notation (lora_np/README.md): ``W`` (d_out, d_in), ``b`` (d_out,), ``A`` (r, d_in),
+``B`` (d_out, r), ``scale`` = s, ``G`` = dL/dY, ``H`` = X Aᵀ; ``N`` rows, ``T`` tokens.
+
+Backward functions of layers with a frozen weight take ``need_dW`` / ``need_db`` flags: a
+frozen W needs no ``dW = Gᵀ X``, and skipping that (d_out, d_in) GEMM is where LoRA saves
+backward compute; the flags are set when W, b are trainable (after ``Module.unfreeze()``).
 """
 
 from __future__ import annotations
@@ -27,14 +31,14 @@ import numpy as np
 
 __all__ = [
     "linear_forward", "linear_backward",
-    "lora_linear_forward", "lora_linear_backward",
+    "lora_delta_weight", "lora_linear_forward", "lora_linear_backward",
     "relu_forward", "relu_backward", "gelu_forward", "gelu_backward",
     "tanh_forward", "tanh_backward", "ACTIVATIONS",
     "softmax_forward", "softmax_backward",
     "attention_forward", "attention_backward",
     "layer_norm_forward", "layer_norm_backward",
     "mse_loss", "cross_entropy_loss",
-    "dora_weight_norm", "dora_linear_forward", "dora_linear_backward",
+    "dora_weight_norm", "dora_weight", "dora_linear_forward", "dora_linear_backward",
 ]
 
 
@@ -46,7 +50,7 @@ def _rows(a: np.ndarray) -> np.ndarray:
 def _matmul_rows(a: np.ndarray, M: np.ndarray) -> np.ndarray:
     """``a @ M`` for ``a`` (..., k) and a matrix ``M`` (k, n), as ONE GEMM (N, k) @ (k, n)
     viewed back as (..., n). (NumPy's ``@`` on a 3-D ``a`` runs one smaller GEMM per leading
-    index: 25-40% slower for (8, 64, 1024) @ (1024, 1024) on 2 cores.)"""
+    index, which is slower for large matrices.)"""
     if a.ndim == 2:                               # already (N, k): skip two reshapes
         return a @ M
     return (_rows(a) @ M).reshape(*a.shape[:-1], M.shape[-1])
@@ -55,6 +59,17 @@ def _matmul_rows(a: np.ndarray, M: np.ndarray) -> np.ndarray:
 def _as_scalar(value: float, dtype: np.dtype):
     """``value`` as a NumPy scalar of ``dtype``, so it cannot promote a float32 array."""
     return np.dtype(dtype).type(value)
+
+
+def _sum_rows(a: np.ndarray) -> np.ndarray:
+    """``Σ_rows a``: (..., d) -> (d,), the sum over all N rows (a bias's gradient Σ G)."""
+    return _rows(a).sum(axis=0)
+
+
+def _weight_grad(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``Gᵀ X`` (d_out, d_in) for G (..., d_out), X (..., d_in): the gradient of the weight
+    of ``Y = X Wᵀ``, summed over all N rows — one (d_out, N) @ (N, d_in) GEMM."""
+    return _rows(dy).T @ _rows(x)
 
 
 # ----------------------------------------------------------------------------- linear
@@ -86,22 +101,35 @@ def linear_forward(x, W, b=None):
     return y, LinearCache(x, W, b is not None)
 
 
-def linear_backward(dy, cache: LinearCache):
+def linear_backward(dy, cache: LinearCache, need_dW=True, need_db=True):
     """Gradients of ``Y = X Wᵀ + b`` with ``G = dL/dY`` of shape (..., d_out)::
 
         dX = G W          (..., d_in)
         dW = Gᵀ X         (d_out, d_in)   (sum over all N rows)
         db = Σ_rows G     (d_out,)        (None when there is no bias)
+
+    ``need_dW=False`` (a frozen W) skips the dW GEMM and returns None for it; the cache's
+    ``x`` may then be None. ``need_db=False`` likewise returns None for db.
+    Returns ``(dx, dW, db)``.
     """
     x, W, has_bias = cache
     dx = _matmul_rows(dy, W)                      # (..., d_out) @ (d_out, d_in) -> (..., d_in)
-    G, X = _rows(dy), _rows(x)                    # (N, d_out), (N, d_in)
-    dW = G.T @ X                                  # (d_out, N) @ (N, d_in) -> (d_out, d_in)
-    db = G.sum(axis=0) if has_bias else None
+    dW = _weight_grad(dy, x) if need_dW else None
+    db = _sum_rows(dy) if has_bias and need_db else None
     return dx, dW, db
 
 
 # ------------------------------------------------------------------------ LoRA linear
+
+
+def lora_delta_weight(A, B, scale):
+    """LoRA's weight update ``ΔW = s · B A``: (d_out, r) @ (r, d_in) -> (d_out, d_in).
+
+    The one place ΔW is formed, for merging, PiSSA's residual, DoRA's norm and analysis —
+    never in LoRA's forward or backward (they cost O(N r (d_in + d_out)) without it). The
+    result has B's dtype (s is cast to it first).
+    """
+    return (B @ A) * _as_scalar(scale, B.dtype)
 
 
 class LoRALinearCache(NamedTuple):
@@ -144,7 +172,7 @@ def lora_linear_forward(x, W, b, A, B, scale, dropout_mask=None):
     return y, LoRALinearCache(x, xd, H, W, A, B, scale, dropout_mask)
 
 
-def lora_linear_backward(dy, cache: LoRALinearCache):
+def lora_linear_backward(dy, cache: LoRALinearCache, need_dW=False, need_db=False):
     """Gradients of the LoRA layer, with ``G = dL/dY`` (..., d_out) and ``H = X̃ Aᵀ``::
 
         dB = s Gᵀ H            (d_out, r)
@@ -155,7 +183,9 @@ def lora_linear_backward(dy, cache: LoRALinearCache):
     full-weight gradient projected onto the factors. That gradient is *not* formed here (the
     frozen ``W`` needs no ``dW``), which is where LoRA saves backward compute.
 
-    Returns ``(dx, dA, dB)``.
+    Returns ``(dx, dA, dB)``. When the base W, b are trainable too (``need_dW`` / ``need_db``,
+    after ``unfreeze()``) it returns ``(dx, dA, dB, dW, db)`` with ``dW = Gᵀ X`` (d_out, d_in)
+    and ``db = Σ_rows G`` (d_out,) — the plain linear layer's — and None for the one not asked.
     """
     x, xd, H, W, A, B, scale, mask = cache
     s = _as_scalar(scale, dy.dtype)
@@ -170,7 +200,10 @@ def lora_linear_backward(dy, cache: LoRALinearCache):
         d_branch *= mask.astype(dy.dtype, copy=False)
     dx = _matmul_rows(dy, W)                      # (..., d_in)
     dx += d_branch
-    return dx, dA, dB
+    if not (need_dW or need_db):
+        return dx, dA, dB
+    dW = _weight_grad(dy, x) if need_dW else None   # (d_out, d_in); x, not X̃: W sees the whole input
+    return dx, dA, dB, dW, _sum_rows(dy) if need_db else None
 
 
 # ------------------------------------------------------------------------ activations
@@ -383,8 +416,8 @@ def layer_norm_backward(dy, cache: LayerNormCache):
     g = dy * gamma
     dx = rstd * (g - g.mean(axis=-1, keepdims=True)
                  - xhat * (g * xhat).mean(axis=-1, keepdims=True))
-    dgamma = _rows(dy * xhat).sum(axis=0)
-    dbeta = _rows(dy).sum(axis=0)
+    dgamma = _sum_rows(dy * xhat)
+    dbeta = _sum_rows(dy)
     return dx, dgamma, dbeta
 
 
@@ -477,10 +510,20 @@ def dora_weight_norm(W, A, B, scale):
     The one place DoRA forms ``B A`` (the norm needs every entry of V). ``DoRALinear``
     initialises ``m`` with this very function, so at init ``m / n`` is exactly 1.
     """
-    s = _as_scalar(scale, W.dtype)
-    V = W + s * (B @ A)                           # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+    V = W + lora_delta_weight(A, B, scale)        # (d_out, d_in)
     n = np.sqrt((V * V).sum(axis=1))              # (d_out,)
     return V, n
+
+
+def dora_weight(W, A, B, m, scale):
+    """The weight a DoRA layer applies, ``W' = diag(m / n) V`` with ``V = W + s B A`` and
+    ``n_i = ‖V_i‖``: row i has V_i's direction and length |m_i|.
+
+    W : (d_out, d_in);  A : (r, d_in);  B : (d_out, r);  m : (d_out,)
+    ->  (W' (d_out, d_in), n (d_out,))   (n, so that a merge can be undone: W₀ = diag(n/m) W' − sBA)
+    """
+    V, n = dora_weight_norm(W, A, B, scale)
+    return V * (m / n)[:, None], n
 
 
 def dora_linear_forward(x, W, b, A, B, m, scale, detach_norm=False, dropout_mask=None):
@@ -522,7 +565,7 @@ def dora_linear_forward(x, W, b, A, B, m, scale, detach_norm=False, dropout_mask
     return y, DoRALinearCache(x, xd, H, Z, W, A, B, m, V, n, scale, bool(detach_norm), dropout_mask)
 
 
-def dora_linear_backward(dy, cache: DoRALinearCache):
+def dora_linear_backward(dy, cache: DoRALinearCache, need_dW=False, need_db=False):
     """Gradients of the DoRA layer, with ``G = dL/dY`` (..., d_out) and ``c = m / n``::
 
         dm_i = Σ_rows G_i Z_i / n_i                       (d_out,)  same in both variants
@@ -544,19 +587,22 @@ def dora_linear_backward(dy, cache: DoRALinearCache):
     The exact direction gradient is projected orthogonally to V_i: moving V_i along itself
     changes nothing, since W'_i only sees V_i's direction.
 
-    Returns ``(dx, dA, dB, dm)``.
+    Returns ``(dx, dA, dB, dm)``. When the base W, b are trainable too (``need_dW`` /
+    ``need_db``, after ``unfreeze()``) it returns ``(dx, dA, dB, dm, dW, db)`` with
+    ``dW = dL/dV = G̃ᵀ X + K`` (V = W + sBA depends on W with slope 1; no K when detached) and
+    ``db = Σ_rows G`` (the bias is not rescaled), and None for the one not asked for.
     """
     x, xd, H, Z, W, A, B, m, V, n, scale, detach_norm, mask = cache
     s = _as_scalar(scale, dy.dtype)
     c = m / n                                     # (d_out,)
-    dm = (_rows(dy) * _rows(Z)).sum(axis=0) / n   # (N, d_out) -> (d_out,)
+    dm = _sum_rows(dy * Z) / n                   # (N, d_out) -> (d_out,)
     Gc = dy * c                                   # (..., d_out)  gradient w.r.t. Z
     GcB = Gc @ B                                  # (..., d_out) @ (d_out, r) -> (..., r)
     G2, H2, GcB2, Xd2 = _rows(Gc), _rows(H), _rows(GcB), _rows(xd)
     dB = s * (G2.T @ H2)                          # (d_out, N) @ (N, r) -> (d_out, r)
     dA = s * (GcB2.T @ Xd2)                       # (r, N) @ (N, d_in) -> (r, d_in)
-    if not detach_norm:
-        K = V * (-(m * dm) / (n * n))[:, None]    # (d_out, d_in) gradient through the norm
+    K = None if detach_norm else V * (-(m * dm) / (n * n))[:, None]   # (d_out, d_in) through the norm
+    if K is not None:
         dB += s * (K @ A.T)                       # (d_out, d_in) @ (d_in, r) -> (d_out, r)
         dA += s * (B.T @ K)                       # (r, d_out) @ (d_out, d_in) -> (r, d_in)
     d_branch = s * (GcB @ A)                      # (..., r) @ (r, d_in) -> (..., d_in)
@@ -564,4 +610,11 @@ def dora_linear_backward(dy, cache: DoRALinearCache):
         d_branch *= mask.astype(dy.dtype, copy=False)
     dx = Gc @ W                                   # (..., d_in)
     dx += d_branch
-    return dx, dA, dB, dm
+    if not (need_dW or need_db):
+        return dx, dA, dB, dm
+    dW = None
+    if need_dW:
+        dW = _weight_grad(Gc, x)                  # G̃ᵀ X (d_out, d_in)
+        if K is not None:
+            dW += K
+    return dx, dA, dB, dm, dW, _sum_rows(dy) if need_db else None

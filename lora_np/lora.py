@@ -23,7 +23,7 @@ import numpy as np
 
 from . import functional as F
 from .modules import Linear, Module, make_rng
-from .validate import check_number
+from .validate import check_bool, check_choice, check_int, check_number, check_probability
 
 __all__ = ["LoRALinear", "DoRALinear", "pissa_factors", "add_lora", "merge_lora", "unmerge_lora",
            "save_adapter", "load_adapter", "lora_layers", "lora_scale", "randomize_lora", "INIT_SCHEMES"]
@@ -37,37 +37,21 @@ def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
     """The LoRA scale s: ``alpha / r`` (Hu et al. 2021) or ``alpha / sqrt(r)`` (rsLoRA,
     Kalajdzievski 2023, arXiv 2312.03732). Raises TypeError/ValueError for an r that is not a
     positive int, an alpha that is not a finite number > 0, or an rslora that is not a bool."""
-    if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
-        raise TypeError(f"r must be an int, got {r!r} ({type(r).__name__})")
-    if r < 1:
-        raise ValueError(f"r must be >= 1, got r={r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
-        raise TypeError(f"alpha must be a number, got {alpha!r}")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
-    if not isinstance(rslora, (bool, np.bool_)):
-        raise TypeError(f"rslora must be True or False, got {rslora!r}")
-    return float(alpha) / (math.sqrt(r) if rslora else r)
+    r = check_int("r", r, minimum=1)
+    alpha = check_number("alpha", alpha, positive=True)
+    return alpha / (math.sqrt(r) if check_bool("rslora", rslora) else r)
 
 
 def _validate_lora_args(base, r, alpha, dropout, rslora, init):
+    """Every LoRALinear argument checked, before anything is built."""
     if not isinstance(base, Linear):
         raise TypeError(f"LoRALinear wraps a Linear layer, got {type(base).__name__}")
-    if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
-        raise TypeError(f"r must be an int, got {r!r} ({type(r).__name__})")
+    lora_scale(alpha, r, rslora)                     # r >= 1 an int, alpha > 0, rslora a bool
     r_max = min(base.d_in, base.d_out)
-    if not 1 <= r <= r_max:
+    if r > r_max:                                    # a rank-r product needs r <= both widths
         raise ValueError(f"r must satisfy 1 <= r <= min(d_in, d_out) = {r_max}, got r={r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
-        raise TypeError(f"alpha must be a number, got {alpha!r}")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
-    if not isinstance(dropout, (int, float, np.floating)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    if not isinstance(rslora, (bool, np.bool_)):
-        raise TypeError(f"rslora must be True or False, got {rslora!r}")
-    if init not in INIT_SCHEMES:
-        raise ValueError(f"init must be one of {INIT_SCHEMES}, got {init!r}")
+    check_probability("dropout", dropout)
+    check_choice("init", init, INIT_SCHEMES)
 
 
 def pissa_factors(W, r, scale):
@@ -131,11 +115,12 @@ class LoRALinear(Module):
         self.scale = lora_scale(alpha, r, rslora)
         self.merged = False
         object.__setattr__(self, "_rng", rng)
+        object.__setattr__(self, "_merge_norm", None)   # DoRA's n at merge time (see DoRALinear)
         if init == "pissa":
             # PiSSA: the principal part moves into s·B A, the frozen W keeps the residual. The
             # residual is a NEW array: the caller's base.W is never changed.
             A, B = pissa_factors(base.W, self.r, self.scale)
-            W = base.W - (B @ A) * self.dtype.type(self.scale)     # same formula as delta_weight
+            W = base.W - F.lora_delta_weight(A, B, self.scale)
         else:
             A = self._init_A(rng).astype(self.dtype)
             B = np.zeros((self.d_out, self.r), dtype=self.dtype)
@@ -145,7 +130,6 @@ class LoRALinear(Module):
             self.add_parameter("b", base.bias, trainable=False)
         self.add_parameter("A", A)
         self.add_parameter("B", B)
-        self._store(None, ())
 
     def _init_A(self, rng):
         if self.init == "kaiming":
@@ -158,22 +142,30 @@ class LoRALinear(Module):
         return self._params.get("b")
 
     def delta_weight(self) -> np.ndarray:
-        """``ΔW = s · B A`` of shape (d_out, d_in). Formed only here (for merge and analysis),
-        never in forward or backward."""
-        return (self.B @ self.A) * self.dtype.type(self.scale)
+        """``ΔW = s · B A`` of shape (d_out, d_in) (``functional.lora_delta_weight``). Formed
+        for merge and analysis, never in forward or backward."""
+        return F.lora_delta_weight(self.A, self.B, self.scale)
 
     # --- forward / backward -----------------------------------------------------------
+    #: the cache's tag and the gradients the functional backward returns after dx, in order
+    _kind, _grad_names = "lora", ("A", "B", "W", "b")
+
+    def _functional_forward(self, x, mask):      # DoRALinear: dora_linear_forward
+        return F.lora_linear_forward(x, self.W, self.bias, self.A, self.B, self.scale, mask)
+
+    def _functional_backward(self, dout, cache, **need):
+        return F.lora_linear_backward(dout, cache, **need)
+
     def forward(self, x):
         x = self._check_input(x, self.d_in)
-        if self.merged:                      # W already holds W₀ + ΔW: one plain GEMM
+        if self.merged:                      # W already holds the merged weight: one plain GEMM
             y, cache = F.linear_forward(x, self.W, self.bias)
             self._store(("merged", cache), y.shape)
             return y
-        y, cache = F.lora_linear_forward(x, self.W, self.bias, self.A, self.B, self.scale,
-                                         self._dropout_mask(x))
+        y, cache = self._functional_forward(x, self._dropout_mask(x))
         if cache.dropout_mask is not None and "W" not in self._grads:
             cache = cache._replace(x=None)   # backward reads X̃ = X ⊙ mask, not X (W is frozen)
-        self._store(("lora", cache), y.shape)
+        self._store((self._kind, cache), y.shape)
         return y
 
     def _dropout_mask(self, x):
@@ -186,16 +178,14 @@ class LoRALinear(Module):
     def backward(self, dout):
         (kind, cache), dout = self._check_backward(dout)
         if kind == "merged":
-            raise ValueError("LoRALinear.backward: the layer is merged (W holds W₀ + ΔW); "
-                             "call unmerge() before training")
-        dx, dA, dB = F.lora_linear_backward(dout, cache)
-        self._accumulate("A", dA)
-        self._accumulate("B", dB)
-        if "W" in self._grads or "b" in self._grads:   # unfreeze()d: W, b train too, or their
-            G = dout.reshape(-1, self.d_out)            # gradient would silently stay 0
-            self._accumulate("W", G.T @ cache.x.reshape(-1, self.d_in))   # Gᵀ X (d_out, d_in)
-            self._accumulate("b", G.sum(axis=0))
-        self._store(None, ())
+            raise ValueError(f"{type(self).__name__}.backward: the layer is merged (W holds the "
+                             "merged weight); call unmerge() before training")
+        # after unfreeze() W, b train too: their gradients are asked for, not left at 0
+        need_dW, need_db = "W" in self._grads, "b" in self._grads
+        self._check_input_kept(cache.x, need_dW)
+        dx, *grads = self._functional_backward(dout, cache, need_dW=need_dW, need_db=need_db)
+        for name, grad in zip(self._grad_names, grads):
+            self._accumulate(name, grad)
         return dx
 
     # --- merge / unmerge ----------------------------------------------------------------
@@ -203,26 +193,38 @@ class LoRALinear(Module):
         """``W ← W + ΔW`` in place, so inference costs one GEMM. A second merge does nothing
         (with a warning). Raises ValueError, leaving W unchanged, if the result is not finite."""
         if self.merged:
-            warnings.warn("LoRALinear.merge: already merged; nothing to do", stacklevel=2)
+            warnings.warn(f"{type(self).__name__}.merge: already merged; nothing to do", stacklevel=2)
             return self
+        new_W, merge_norm = self._merged()
+        self.W[...] = new_W
+        object.__setattr__(self, "_merge_norm", merge_norm)
+        self.merged = True
+        return self
+
+    def _merged(self):
+        """What ``merge`` writes, checked and not yet written: ``(W + ΔW, None)`` (DoRALinear:
+        ``(W', n)``). ValueError if the merged weight is not finite. ``merge_lora`` runs it on
+        every layer before merging any."""
         with np.errstate(over="ignore", invalid="ignore"):   # overflow is reported below, as an error
             delta = self.delta_weight()
             new_W = self.W + delta
         if not np.all(np.isfinite(new_W)):
             raise ValueError("LoRALinear.merge: expected W + ΔW to be finite, got non-finite entries "
                              f"(max |ΔW| = {np.abs(delta).max()}); W left unchanged")
-        self.W[...] = new_W
-        self.merged = True
-        return self
+        return new_W, None
 
     def unmerge(self) -> "LoRALinear":
         """``W ← W − ΔW``: restores the frozen W₀ (up to rounding). No-op with a warning if not merged."""
         if not self.merged:
-            warnings.warn("LoRALinear.unmerge: not merged; nothing to do", stacklevel=2)
+            warnings.warn(f"{type(self).__name__}.unmerge: not merged; nothing to do", stacklevel=2)
             return self
-        self.W[...] -= self.delta_weight()
+        self.W[...] = self._unmerged_W()
+        object.__setattr__(self, "_merge_norm", None)
         self.merged = False
         return self
+
+    def _unmerged_W(self) -> np.ndarray:
+        return self.W - self.delta_weight()
 
     def config(self) -> dict:
         cfg = {"r": self.r, "alpha": self.alpha, "rslora": self.rslora, "d_in": self.d_in,
@@ -256,62 +258,37 @@ class DoRALinear(LoRALinear):
     """
 
     adapter_names = ("A", "B", "m")
+    _kind, _grad_names = "dora", ("A", "B", "m", "W", "b")
 
     def __init__(self, base, r, alpha, dropout=0.0, rslora=False, init="kaiming", rng=None,
                  detach_norm=False):
-        if not isinstance(detach_norm, (bool, np.bool_)):
-            raise TypeError(f"detach_norm must be True or False, got {detach_norm!r}")
-        if isinstance(base, Linear) and np.any(np.linalg.norm(base.W, axis=1) == 0):
-            raise ValueError("DoRALinear: W has all-zero rows "
-                             f"{np.flatnonzero(np.linalg.norm(base.W, axis=1) == 0).tolist()}; "
-                             "DoRA needs a direction W_i / ‖W_i‖ for every row")
+        detach_norm = check_bool("detach_norm", detach_norm)
+        if isinstance(base, Linear):
+            zero_rows = np.flatnonzero(np.linalg.norm(base.W, axis=1) == 0)
+            if zero_rows.size:
+                raise ValueError(f"DoRALinear: W has all-zero rows {zero_rows.tolist()}; "
+                                 "DoRA needs a direction W_i / ‖W_i‖ for every row")
         super().__init__(base, r, alpha, dropout=dropout, rslora=rslora, init=init, rng=rng)
-        self.detach_norm = bool(detach_norm)
+        self.detach_norm = detach_norm
         _, n = F.dora_weight_norm(self.W, self.A, self.B, self.scale)
         self.add_parameter("m", n)                 # the very norm forward divides by: m/n = 1
-        object.__setattr__(self, "_merge_norm", None)
 
-    def forward(self, x):
-        x = self._check_input(x, self.d_in)
-        if self.merged:                      # W already holds W': one plain GEMM
-            y, cache = F.linear_forward(x, self.W, self.bias)
-            self._store(("merged", cache), y.shape)
-            return y
-        y, cache = F.dora_linear_forward(x, self.W, self.bias, self.A, self.B, self.m, self.scale,
-                                         self.detach_norm, self._dropout_mask(x))
-        self._store(("dora", cache), y.shape)
-        return y
+    def _functional_forward(self, x, mask):
+        return F.dora_linear_forward(x, self.W, self.bias, self.A, self.B, self.m, self.scale,
+                                     self.detach_norm, mask)
 
-    def backward(self, dout):
-        (kind, cache), dout = self._check_backward(dout)
-        if kind == "merged":
-            raise ValueError("DoRALinear.backward: the layer is merged (W holds W'); "
-                             "call unmerge() before training")
-        dx, dA, dB, dm = F.dora_linear_backward(dout, cache)
-        self._accumulate("A", dA)
-        self._accumulate("B", dB)
-        self._accumulate("m", dm)
-        if "W" in self._grads or "b" in self._grads:   # unfreeze()d: W, b train too
-            # V = W + sBA, so dL/dW = dL/dV = G̃ᵀ X (+ K, the norm term, unless detached)
-            G = dout.reshape(-1, self.d_out)
-            dW = (G * (cache.m / cache.n)).T @ cache.x.reshape(-1, self.d_in)
-            if not cache.detach_norm:
-                dW += cache.V * (-(cache.m * dm) / (cache.n * cache.n))[:, None]
-            self._accumulate("W", dW)
-            self._accumulate("b", G.sum(axis=0))
-        self._store(None, ())
-        return dx
+    def _functional_backward(self, dout, cache, **need):
+        return F.dora_linear_backward(dout, cache, **need)
 
     def effective_weight(self) -> np.ndarray:
         """``W' = diag(m / n) (W + s B A)`` of shape (d_out, d_in): the weight the layer applies."""
         if self.merged:
             return self.W.copy()
-        V, n = F.dora_weight_norm(self.W, self.A, self.B, self.scale)
-        return V * (self.m / n)[:, None]
+        return F.dora_weight(self.W, self.A, self.B, self.m, self.scale)[0]
 
     def _unmerged_W(self) -> np.ndarray:
         # W' = diag(m / n) (W₀ + sBA)  =>  W₀ = diag(n / m) W' − sBA, with n stored at merge time
-        return self.W * (self._merge_norm / self.m)[:, None] - (self.B @ self.A) * self.dtype.type(self.scale)
+        return self.W * (self._merge_norm / self.m)[:, None] - F.lora_delta_weight(self.A, self.B, self.scale)
 
     def delta_weight(self) -> np.ndarray:
         """``W' − W₀`` (d_out, d_in): what ``merge`` adds to the frozen weight. Unlike LoRA's
@@ -322,34 +299,21 @@ class DoRALinear(LoRALinear):
 
     def merge(self) -> "DoRALinear":
         """``W ← W' = diag(m / n) (W + s B A)`` in place, remembering ``n`` so that ``unmerge``
-        can undo it. Raises ValueError (W unchanged) if an entry of m is 0 (that row of W
-        would be erased for good) or if W' is not finite."""
-        if self.merged:
-            warnings.warn("DoRALinear.merge: already merged; nothing to do", stacklevel=2)
-            return self
-        if np.any(self.m == 0):
-            raise ValueError(f"DoRALinear.merge: m is 0 at rows {np.flatnonzero(self.m == 0).tolist()}; "
-                             "merging would erase those rows of W and unmerge could not restore "
-                             "them; W left unchanged")
-        V, n = F.dora_weight_norm(self.W, self.A, self.B, self.scale)
-        new_W = V * (self.m / n)[:, None]
+        (``W ← diag(n / m) W' − s B A``) can undo it. Raises ValueError (W unchanged) if an
+        entry of m is 0 (that row of W would be erased for good) or if W' is not finite."""
+        return super().merge()
+
+    def _merged(self):
+        zero = np.flatnonzero(self.m == 0)
+        if zero.size:
+            raise ValueError(f"DoRALinear.merge: zero magnitude m at rows {zero.tolist()}; merging "
+                             "would erase those rows of W and unmerge could not restore them; "
+                             "W left unchanged")
+        with np.errstate(over="ignore", invalid="ignore"):   # overflow is reported below, as an error
+            new_W, n = F.dora_weight(self.W, self.A, self.B, self.m, self.scale)
         if not np.all(np.isfinite(new_W)):
             raise ValueError("DoRALinear.merge: W' has non-finite entries; W left unchanged")
-        self.W[...] = new_W
-        object.__setattr__(self, "_merge_norm", n)
-        self.merged = True
-        return self
-
-    def unmerge(self) -> "DoRALinear":
-        """``W ← diag(n / m) W' − s B A``: restores W₀ (up to rounding). No-op with a warning if
-        not merged."""
-        if not self.merged:
-            warnings.warn("DoRALinear.unmerge: not merged; nothing to do", stacklevel=2)
-            return self
-        self.W[...] = self._unmerged_W()
-        object.__setattr__(self, "_merge_norm", None)
-        self.merged = False
-        return self
+        return new_W, n
 
     def config(self) -> dict:
         return {**super().config(), "dora": True, "detach_norm": self.detach_norm}
@@ -452,17 +416,15 @@ def add_lora(model: Module, targets, r: int, alpha: float, use_dora: bool = Fals
 
 
 def merge_lora(model: Module) -> Module:
-    """Merge every LoRA layer of ``model`` (W ← W + ΔW). All-or-nothing on non-finite results."""
-    layers = [m for m in lora_layers(model).values() if not m.merged]
-    for m in layers:
-        with np.errstate(over="ignore", invalid="ignore"):   # overflow is reported as a ValueError
-            finite = np.all(np.isfinite(m.W + m.delta_weight()))
-        if not finite:
-            raise ValueError("merge_lora: merging would make W non-finite; model left unchanged")
-        if isinstance(m, DoRALinear) and np.any(m.m == 0):     # DoRALinear.merge would refuse
-            raise ValueError("merge_lora: a DoRA layer has a zero magnitude m_i, so its merge could "
-                             "not be undone; model left unchanged")
-    for m in layers:
+    """Merge every LoRA layer of ``model`` (W ← W + ΔW; DoRA: W ← W'). All or nothing: every
+    layer's merge is checked (the layer's own check) before any W changes."""
+    layers = {p: m for p, m in lora_layers(model).items() if not m.merged}
+    for p, m in layers.items():
+        try:
+            m._merged()                 # checked, then dropped: one merged weight alive at a time
+        except ValueError as e:
+            raise ValueError(f"merge_lora: layer {p!r} cannot be merged, model left unchanged: {e}") from None
+    for m in layers.values():
         m.merge()
     return model
 
@@ -503,12 +465,54 @@ def save_adapter(model: Module, path) -> None:
         np.savez(fh, **arrays)          # and load_adapter(path) would then not find the file
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _read_npz(path) -> dict:
+    """Every array of the ``.npz`` archive at ``path``, never unpickling. The file is opened
+    (and closed) here, not by NumPy: ``np.load(path)`` leaves the file open when the archive
+    is damaged. Raises ValueError with the reason, without NumPy's advice to unpickle."""
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise ValueError(f"cannot open the file ({e.strerror})") from None
+    with fh:
+        head = fh.read(len(_NPY_MAGIC))
+        fh.seek(0)
+        if head.startswith(_NPY_MAGIC):
+            raise ValueError("it is a .npy file (one array); an adapter is the .npz archive "
+                             "that save_adapter writes")
+        if not zipfile.is_zipfile(fh):
+            raise ValueError("it is not a zip archive (an .npz file is one)")
+        fh.seek(0)
+        arrays = {}
+        try:
+            with np.load(fh, allow_pickle=False) as f:
+                for key in f.files:
+                    arrays[key] = _read_entry(f, key)
+        except (OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+            raise ValueError(f"the archive is damaged ({e})") from None
+    return arrays
+
+
+def _read_entry(npz, key: str) -> np.ndarray:
+    try:
+        value = npz[key]
+    except ValueError as e:
+        if "allow_pickle" in str(e):         # NumPy refuses an object array without pickle
+            raise ValueError(f"entry {key!r} holds Python objects (dtype object), which lora_np "
+                             "never unpickles; an adapter holds only float arrays and its config") from None
+        raise ValueError(f"entry {key!r} is damaged ({e})") from None
+    if not isinstance(value, np.ndarray):    # a zip member that is not a .npy file
+        raise ValueError(f"entry {key!r} is not a NumPy array")
+    return value
+
+
 def _read_adapter(path):
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise ValueError(f"load_adapter: {path!s} is not a readable lora_np adapter (.npz): {e}") from e
+        arrays = _read_npz(path)
+    except ValueError as e:
+        raise ValueError(f"load_adapter: {path!s} is not a lora_np adapter (.npz): {e}") from None
     if "__config__" not in arrays:
         raise ValueError(f"load_adapter: {path!s} has no '__config__' entry; not a lora_np adapter")
     try:

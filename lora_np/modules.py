@@ -9,16 +9,23 @@ Every module has ``forward(x)`` (also ``module(x)``), ``backward(dout) -> dx`` a
 
 Gradients *accumulate* (``+=``) across backward calls, as in PyTorch; call ``zero_grad()``
 before each step. Frozen parameters get no gradient at all, and their ``dW`` is never computed.
+Which forward a ``backward`` differentiates is fixed by one rule, written in ``Module``'s
+docstring (and in lora_np/README.md); ``no_grad()`` runs forwards that keep nothing for backward.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+
 import numpy as np
 
 from . import functional as F
+from .validate import check_bool, check_choice, check_dtype, check_int, check_number
 
 __all__ = ["Module", "Linear", "LayerNorm", "MLP", "MultiHeadAttention", "TransformerBlock",
-           "make_rng"]
+           "make_rng", "no_grad"]
 
 
 def make_rng(rng) -> np.random.Generator:
@@ -33,19 +40,89 @@ def make_rng(rng) -> np.random.Generator:
     raise TypeError(f"rng must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
 
 
-def _check_dim(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+# --------------------------------------------------------------- which forward backward sees
+
+#: False inside ``no_grad()``: forwards keep no cache for backward
+_GRAD_ENABLED = contextvars.ContextVar("lora_np_grad_enabled", default=True)
+#: the top-level forward call in progress (a ``_Pass``), None between calls
+_PASS = contextvars.ContextVar("lora_np_forward_pass", default=None)
 
 
-def _check_dtype(dtype) -> np.dtype:
-    dt = np.dtype(dtype)
-    if dt not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    return dt
+@contextlib.contextmanager
+def no_grad():
+    """``with no_grad(): y = model(x)`` — a forward that keeps no cache for backward.
+
+    Use it for validation, inference and anything else you will not differentiate: the
+    forward stores nothing (no memory held for backward) and leaves the pending forward of
+    every module as it was, so a later ``backward`` still differentiates the last training
+    forward. Unlike ``model.eval()`` it does not switch dropout off. Also usable as a
+    decorator (``@no_grad()``).
+    """
+    token = _GRAD_ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _GRAD_ENABLED.reset(token)
+
+
+class _Pass:
+    """One top-level forward call. Every module that keeps a cache during it is tagged with
+    it, so a second use of the same module within the same call is recognised as such."""
+    __slots__ = ("stores",)
+
+    def __init__(self):
+        self.stores = 0                     # caches kept so far in this call
+
+
+def _forward_entry(forward):
+    """Wrap a subclass's ``forward``: open a pass if none is open (this is the outermost
+    forward), refuse a second recording use of a module within one pass, and drop this
+    module's cache if the call fails after caches were kept (they would not fit together)."""
+    @functools.wraps(forward)
+    def entry(self, *args, **kwargs):
+        if self.__dict__["_in_forward"]:    # a subclass's forward calling super().forward
+            return forward(self, *args, **kwargs)
+        token = _PASS.set(_Pass()) if _PASS.get() is None else None
+        current = _PASS.get()
+        try:
+            records = self._records()
+            if records and self.__dict__["_pass"] is current:
+                raise ValueError(self._reuse_message())
+            stores = current.stores
+            object.__setattr__(self, "_in_forward", True)
+            try:
+                out = forward(self, *args, **kwargs)
+            except BaseException:
+                if current.stores != stores:
+                    self._forget("failed")
+                raise
+            finally:
+                object.__setattr__(self, "_in_forward", False)
+            if not records:
+                object.__setattr__(self, "_skipped", "inside no_grad()" if self.training else "in eval mode")
+            return out
+        finally:
+            if token is not None:
+                _PASS.reset(token)
+    entry._lora_np_entry = True
+    return entry
+
+
+def _backward_entry(backward):
+    """Wrap a subclass's ``backward``: after it returns, its forward is consumed."""
+    @functools.wraps(backward)
+    def entry(self, dout):
+        if self.__dict__["_in_backward"]:   # a subclass's backward calling super().backward
+            return backward(self, dout)
+        object.__setattr__(self, "_in_backward", True)
+        try:
+            dx = backward(self, dout)
+        finally:
+            object.__setattr__(self, "_in_backward", False)
+        self._release()
+        return dx
+    entry._lora_np_entry = True
+    return entry
 
 
 class Module:
@@ -55,7 +132,38 @@ class Module:
     its attribute name. Own parameters are registered with ``add_parameter`` and read as
     attributes (``layer.W``). Arrays are updated in place by optimizers, so a reference to
     ``layer.W`` always sees the current weights.
+
+    The forward/backward rule
+    -------------------------
+    * A forward in training mode (``train()``, the default) keeps **one pending cache** per
+      module: what its backward needs. A later training-mode forward replaces it.
+    * ``backward(dout)`` differentiates the pending forward and **consumes** it: a second
+      ``backward`` raises ValueError ("already consumed"); run forward again first.
+    * A forward in eval mode (``eval()``) or inside ``with no_grad():`` keeps **nothing** and
+      leaves the pending cache as it was. So ``y = m(x_tr); m.eval(); m(x_val); m.train();
+      m.backward(dy)`` differentiates ``x_tr``'s forward, and a ``backward`` after only such
+      forwards raises ValueError saying so.
+    * One top-level forward call (the outermost ``forward``/``__call__``, with the children it
+      runs) may use each module **once** in training mode. A module used twice in one forward
+      (a layer applied twice, one object registered as two children) would need two caches;
+      its second use raises ValueError instead of giving a wrong gradient. (In eval mode or
+      under ``no_grad()`` reuse is fine: nothing is cached.)
+    * A forward that raises part-way leaves no pending cache in the modules whose children
+      had already cached (they would not fit together): backward then asks for a new forward.
+
+    Subclasses write ``forward`` and ``backward`` as plain methods; ``Module`` wraps them
+    (``__init_subclass__``) to apply the rule, so ``m.forward(x)`` and ``m(x)`` behave the
+    same. Inside, ``forward`` calls ``self._store(cache, y.shape)`` and ``backward`` starts
+    with ``cache, dout = self._check_backward(dout)``; ``self._release()`` frees the cache
+    early (the wrapper releases it in any case when backward returns).
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, wrap in (("forward", _forward_entry), ("backward", _backward_entry)):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_lora_np_entry", False):
+                setattr(cls, name, wrap(method))
 
     def __init__(self):
         object.__setattr__(self, "_params", {})      # name -> array
@@ -63,6 +171,9 @@ class Module:
         object.__setattr__(self, "_frozen", set())   # names of own frozen parameters
         object.__setattr__(self, "_children", {})    # name -> Module
         object.__setattr__(self, "training", True)
+        for name, value in (("_in_forward", False), ("_in_backward", False), ("_skipped", None)):
+            object.__setattr__(self, name, value)
+        self._forget("never")
 
     # --- registration -------------------------------------------------------------
     def __setattr__(self, name, value):
@@ -147,8 +258,11 @@ class Module:
         return self
 
     def train(self, mode: bool = True) -> "Module":
+        """Training mode (``mode=True``: dropout on, forwards cache for backward) or eval mode
+        for every module of the tree. Returns ``self``."""
+        mode = check_bool("mode", mode)
         for _, m in self.named_modules():
-            object.__setattr__(m, "training", bool(mode))
+            object.__setattr__(m, "training", mode)
         return self
 
     def eval(self) -> "Module":
@@ -164,12 +278,37 @@ class Module:
     def backward(self, dout):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _check_backward(self, dout, cache_name: str = "_cache"):
-        """The stored forward state, after checking that backward may run with this ``dout``."""
-        state = self.__dict__.get(cache_name)
+    def _records(self) -> bool:
+        """Whether a forward now keeps a cache: training mode and outside ``no_grad()``."""
+        return self.training and _GRAD_ENABLED.get()
+
+    def _store(self, cache, out_shape):
+        """Keep ``cache`` (what backward needs) as the pending forward — if this forward records."""
+        if not self._records():
+            return
+        current = _PASS.get()
+        if current is not None:
+            current.stores += 1
+        for name, value in (("_cache", cache), ("_out_shape", tuple(out_shape)), ("_pass", current),
+                            ("_status", "pending"), ("_skipped", None)):
+            object.__setattr__(self, name, value)
+
+    def _forget(self, status: str):
+        """Drop the pending cache; ``status`` says why there is none ("never", "consumed", "failed")."""
+        for name, value in (("_cache", None), ("_out_shape", ()), ("_pass", None), ("_status", status)):
+            object.__setattr__(self, name, value)
+
+    def _release(self):
+        """The pending forward is used up (backward ran): free its cache."""
+        self._forget("consumed")
+        object.__setattr__(self, "_skipped", None)
+
+    def _check_backward(self, dout):
+        """The pending cache and ``dout`` in this module's dtype, after checking that backward
+        may run: there is a pending forward, and ``dout`` has its output's shape."""
+        state = self.__dict__["_cache"]
         if state is None:
-            raise ValueError(f"{type(self).__name__}.backward called before forward: "
-                             "run forward(x) first (each backward consumes one forward)")
+            raise ValueError(self._no_forward_message())
         out_shape = self.__dict__["_out_shape"]
         # in this module's dtype, as forward does with x: a float64 dout must not turn a float32
         # model's dx and intermediate gradients into float64
@@ -179,9 +318,37 @@ class Module:
                              f"output's shape {out_shape}, got {dout.shape}")
         return state, dout
 
-    def _store(self, cache, out_shape):
-        object.__setattr__(self, "_cache", cache)
-        object.__setattr__(self, "_out_shape", tuple(out_shape))
+    def _no_forward_message(self) -> str:
+        name, status, skipped = type(self).__name__, self.__dict__["_status"], self.__dict__["_skipped"]
+        again = "run forward(x) first, in training mode (each backward consumes one forward)"
+        if status == "consumed":
+            msg = (f"{name}.backward: the forward it would differentiate was already consumed by "
+                   f"an earlier backward; {again}")
+        elif status == "failed":
+            msg = (f"{name}.backward: the last training-mode forward raised an error part-way, so "
+                   f"its caches do not fit together; {again}")
+        elif skipped:
+            return (f"{name}.backward called after only forwards {skipped}, which keep no cache "
+                    f"for backward; {again} (model.train(), outside no_grad())")
+        else:
+            return f"{name}.backward called before forward: {again}"
+        if skipped:
+            msg += f". The forwards since then ran {skipped} and keep no cache for backward"
+        return msg
+
+    def _reuse_message(self) -> str:
+        return (f"{type(self).__name__}({self.extra_repr()}) is used twice in one forward pass (a "
+                "layer applied twice, or one module object registered as two children). Each "
+                "module keeps one cache for backward, so the second use would make backward "
+                "return a wrong gradient: use a separate module for each use, or run this forward "
+                "in eval mode / inside no_grad() if you do not need gradients")
+
+    def _check_input_kept(self, x, need_dW: bool):
+        """A forward with W frozen keeps no input (its backward needs none); if W was made
+        trainable since, its ``dW = Gᵀ X`` cannot be formed: refuse rather than skip it."""
+        if need_dW and x is None:
+            raise ValueError(f"{type(self).__name__}.backward: W was frozen during forward (so its "
+                             "input was not kept) and is trainable now; run forward(x) again")
 
     def _check_input(self, x, d_expected: int, what: str = "x"):
         """``x`` as an array of this module's dtype whose last dimension is ``d_expected``."""
@@ -229,14 +396,13 @@ class Linear(Module):
 
     def __init__(self, d_in, d_out, bias=True, rng=None, dtype=np.float64):
         super().__init__()
-        self.d_in, self.d_out = _check_dim("d_in", d_in), _check_dim("d_out", d_out)
-        self.dtype = _check_dtype(dtype)
+        self.d_in, self.d_out = check_int("d_in", d_in, minimum=1), check_int("d_out", d_out, minimum=1)
+        self.dtype = check_dtype("dtype", dtype)
         rng = make_rng(rng)
         W = rng.standard_normal((self.d_out, self.d_in)) / np.sqrt(self.d_in)
         self.add_parameter("W", W.astype(self.dtype))
-        if bias:
+        if check_bool("bias", bias):
             self.add_parameter("b", np.zeros(self.d_out, dtype=self.dtype))
-        self._store(None, ())
 
     @property
     def bias(self):
@@ -252,15 +418,11 @@ class Linear(Module):
 
     def backward(self, dout):
         cache, dout = self._check_backward(dout)
-        if "W" in self._grads:
-            dx, dW, db = F.linear_backward(dout, cache)
-            self._accumulate("W", dW)
-            self._accumulate("b", db)
-        else:                                    # frozen W: skip the dW GEMM entirely
-            dx = F._matmul_rows(dout, self.W)    # dX = G W as one 2-D GEMM over all rows
-            if "b" in self._grads:
-                self._accumulate("b", dout.reshape(-1, self.d_out).sum(axis=0))
-        self._store(None, ())
+        need_dW = "W" in self._grads             # frozen W: the dW GEMM is skipped entirely
+        self._check_input_kept(cache.x, need_dW)
+        dx, dW, db = F.linear_backward(dout, cache, need_dW=need_dW, need_db="b" in self._grads)
+        self._accumulate("W", dW)
+        self._accumulate("b", db)
         return dx
 
     def extra_repr(self):
@@ -272,12 +434,11 @@ class LayerNorm(Module):
 
     def __init__(self, d, eps=1e-5, dtype=np.float64):
         super().__init__()
-        self.d = _check_dim("d", d)
-        self.eps = float(eps)
-        self.dtype = _check_dtype(dtype)
+        self.d = check_int("d", d, minimum=1)
+        self.eps = check_number("eps", eps, positive=True)
+        self.dtype = check_dtype("dtype", dtype)
         self.add_parameter("gamma", np.ones(self.d, dtype=self.dtype))
         self.add_parameter("beta", np.zeros(self.d, dtype=self.dtype))
-        self._store(None, ())
 
     def forward(self, x):
         x = self._check_input(x, self.d)
@@ -290,7 +451,6 @@ class LayerNorm(Module):
         dx, dgamma, dbeta = F.layer_norm_backward(dout, cache)
         self._accumulate("gamma", dgamma)
         self._accumulate("beta", dbeta)
-        self._store(None, ())
         return dx
 
     def extra_repr(self):
@@ -302,15 +462,13 @@ class MLP(Module):
 
     def __init__(self, d_in, d_hidden, d_out, activation="gelu", rng=None, dtype=np.float64):
         super().__init__()
-        if activation not in F.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(F.ACTIVATIONS)}, got {activation!r}")
+        self.activation = check_choice("activation", activation, sorted(F.ACTIVATIONS))
+        self.dtype = check_dtype("dtype", dtype)
+        self.d_in = check_int("d_in", d_in, minimum=1)
+        d_hidden, d_out = check_int("d_hidden", d_hidden, minimum=1), check_int("d_out", d_out, minimum=1)
         rng = make_rng(rng)
-        self.activation = activation
-        self.dtype = _check_dtype(dtype)
-        self.d_in = _check_dim("d_in", d_in)
         self.fc1 = Linear(d_in, d_hidden, rng=rng, dtype=dtype)
         self.fc2 = Linear(d_hidden, d_out, rng=rng, dtype=dtype)
-        self._store(None, ())
 
     def forward(self, x):
         x = self._check_input(x, self.d_in)
@@ -324,7 +482,7 @@ class MLP(Module):
         act_cache, dout = self._check_backward(dout)
         _, act_backward = F.ACTIVATIONS[self.activation]
         dh = act_backward(self.fc2.backward(dout), act_cache)
-        self._store(None, ())                    # the activation's cache is used up: free it
+        self._release()                          # the activation's cache is used up: free it
         del act_cache                            # before fc1's backward allocates its gradients
         return self.fc1.backward(dh)
 
@@ -333,7 +491,7 @@ class MLP(Module):
 
 
 class MultiHeadAttention(Module):
-    """Multi-head self-attention on x of shape (batch, T, d_model).
+    """Multi-head self-attention on x of shape (batch, T, d_model), T tokens.
 
     ``q, k, v = x W_qᵀ, x W_kᵀ, x W_vᵀ`` (+ biases), split into H heads of width
     d_head = d_model / H (contiguous slices of the last dim), attention per head, heads
@@ -342,18 +500,17 @@ class MultiHeadAttention(Module):
 
     def __init__(self, d_model, n_heads, causal=False, rng=None, dtype=np.float64):
         super().__init__()
-        d_model, n_heads = _check_dim("d_model", d_model), _check_dim("n_heads", n_heads)
+        d_model, n_heads = check_int("d_model", d_model, minimum=1), check_int("n_heads", n_heads, minimum=1)
         if d_model % n_heads:
             raise ValueError(f"d_model must be divisible by n_heads, got d_model={d_model}, "
                              f"n_heads={n_heads}")
+        self.d_model, self.n_heads, self.causal = d_model, n_heads, check_bool("causal", causal)
+        self.dtype = check_dtype("dtype", dtype)
         rng = make_rng(rng)
-        self.d_model, self.n_heads, self.causal = d_model, n_heads, bool(causal)
-        self.dtype = _check_dtype(dtype)
         self.q_proj = Linear(d_model, d_model, rng=rng, dtype=dtype)
         self.k_proj = Linear(d_model, d_model, rng=rng, dtype=dtype)
         self.v_proj = Linear(d_model, d_model, rng=rng, dtype=dtype)
         self.o_proj = Linear(d_model, d_model, rng=rng, dtype=dtype)
-        self._store(None, ())
 
     def _structural_zeros(self):
         # The key bias adds q·b_k to every score of a query's row; softmax ignores a constant
@@ -388,7 +545,7 @@ class MultiHeadAttention(Module):
         cache, dout = self._check_backward(dout)
         datt = self._split(self.o_proj.backward(dout))           # (B, H, T, d_head)
         dq, dk, dv = F.attention_backward(datt, cache)           # each (B, H, T, d_head)
-        self._store(None, ())                    # q, k, v and P are used up: free them before
+        self._release()                          # q, k, v and P are used up: free them before
         del cache, datt                          # the projections' backward allocates more
         dx = self.q_proj.backward(self._merge(dq))               # (B, T, C)
         dx += self.k_proj.backward(self._merge(dk))
@@ -405,21 +562,20 @@ class TransformerBlock(Module):
         h = x + attn(ln1(x))
         y = h + mlp(ln2(h))
 
-    x, y : (batch, T, d_model). Children: ``ln1``, ``attn``, ``ln2``, ``mlp`` (``mlp.fc1``,
-    ``mlp.fc2``), so LoRA targets read ``"attn.q_proj"``, ``"mlp.fc1"``.
+    x, y : (batch, T, d_model), T tokens. Children: ``ln1``, ``attn``, ``ln2``, ``mlp``
+    (``mlp.fc1``, ``mlp.fc2``), so LoRA targets read ``"attn.q_proj"``, ``"mlp.fc1"``.
     """
 
     def __init__(self, d_model, n_heads, d_hidden, causal=False, activation="gelu", rng=None,
                  dtype=np.float64):
         super().__init__()
         rng = make_rng(rng)
-        self.dtype = _check_dtype(dtype)
-        self.d_model = _check_dim("d_model", d_model)
+        self.dtype = check_dtype("dtype", dtype)
+        self.d_model = check_int("d_model", d_model, minimum=1)
         self.ln1 = LayerNorm(d_model, dtype=dtype)
         self.attn = MultiHeadAttention(d_model, n_heads, causal=causal, rng=rng, dtype=dtype)
         self.ln2 = LayerNorm(d_model, dtype=dtype)
         self.mlp = MLP(d_model, d_hidden, d_model, activation=activation, rng=rng, dtype=dtype)
-        self._store(None, ())
 
     def forward(self, x):
         x = np.asarray(x)
@@ -429,12 +585,10 @@ class TransformerBlock(Module):
         x = self._check_input(x, self.d_model)
         h = x + self.attn(self.ln1(x))
         y = h + self.mlp(self.ln2(h))
-        self._store(True, y.shape)
+        self._store(True, y.shape)               # nothing of its own to keep: a marker
         return y
 
     def backward(self, dout):
         _, dout = self._check_backward(dout)
         dh = dout + self.ln2.backward(self.mlp.backward(dout))   # residual: both paths
-        dx = dh + self.ln1.backward(self.attn.backward(dh))
-        self._store(None, ())
-        return dx
+        return dh + self.ln1.backward(self.attn.backward(dh))
