@@ -270,6 +270,8 @@ def format_table(rows, title=None) -> str:
 
 
 def _randomize_norms(model, rng):
+    """Biases off their 0 init and LayerNorm γ, β off 1, 0 (in place): at those values some
+    terms of the gradients vanish, and a wrong term would go unnoticed."""
     for name, p in model.parameters().items():
         if name.endswith(("gamma", "beta")):
             p[...] = p + 0.3 * rng.standard_normal(p.shape)

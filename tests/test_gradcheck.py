@@ -14,6 +14,13 @@ from lora_np import DoRALinear, Linear, LoRALinear, MLP, MultiHeadAttention, add
 from lora_np import gradcheck as gc
 from lora_np.gradcheck import check_gradients, format_table, numerical_gradient, rel_error
 
+
+def plant(monkeypatch, name, change):
+    """Plant a bug: ``F.<name>`` returns ``change(*results)`` (arguments passed through as they come)."""
+    right = getattr(F, name)
+    monkeypatch.setattr(F, name, lambda *args, **kwargs: change(*right(*args, **kwargs)))
+
+
 # ---------------------------------------------------------------------------------------------
 # numerical_gradient on functions with known derivatives
 # ---------------------------------------------------------------------------------------------
@@ -110,9 +117,7 @@ def test_check_gradients_passes_a_correct_module(rng):
 
 
 def test_check_gradients_fails_a_wrong_backward(rng, monkeypatch):
-    right = F.linear_backward
-    monkeypatch.setattr(F, "linear_backward",
-                        lambda dy, cache: (lambda dx, dW, db: (dx, dW, 1.1 * db))(*right(dy, cache)))
+    plant(monkeypatch, "linear_backward", lambda dx, dW, db: (dx, dW, 1.1 * db))
     lin = randomize(Linear(4, 3, rng=rng), rng)
     rows = {r.name: r for r in check_gradients(lin, rng.standard_normal((5, 4)))}
     assert not rows["b"].passed and rows["b"].rel_error > 1e-2
@@ -134,9 +139,7 @@ def test_check_gradients_needs_a_float64_module():
 
 
 def test_check_gradients_names_why_a_wrong_gradient_fails(rng, monkeypatch):
-    right = F.linear_backward
-    monkeypatch.setattr(F, "linear_backward",
-                        lambda dy, cache: (lambda dx, dW, db: (dx, dW, 1.1 * db))(*right(dy, cache)))
+    plant(monkeypatch, "linear_backward", lambda dx, dW, db: (dx, dW, 1.1 * db))
     rows = {r.name: r for r in check_gradients(randomize(Linear(4, 3, rng=rng), rng),
                                                rng.standard_normal((5, 4)))}
     assert re.fullmatch(r"rel_error \d\.\de-\d\d > threshold 1e-07", rows["b"].reason), rows["b"].reason
@@ -152,9 +155,7 @@ def test_check_gradients_names_a_degenerate_zero_gradient(rng):
 
 def test_check_gradients_names_a_missing_gradient(rng, monkeypatch):
     """A backward that forgets db: the analytic gradient is 0 but the true one is not."""
-    right = F.linear_backward
-    monkeypatch.setattr(F, "linear_backward",
-                        lambda dy, cache: (lambda dx, dW, db: (dx, dW, 0 * db))(*right(dy, cache)))
+    plant(monkeypatch, "linear_backward", lambda dx, dW, db: (dx, dW, 0 * db))
     rows = {r.name: r for r in check_gradients(randomize(Linear(4, 3, rng=rng), rng),
                                                rng.standard_normal((5, 4)))}
     assert not rows["b"].passed
@@ -163,9 +164,7 @@ def test_check_gradients_names_a_missing_gradient(rng, monkeypatch):
 
 def test_check_gradients_fails_a_nan_gradient(rng, monkeypatch):
     """NaN > threshold is False: a NaN gradient used to pass with an empty reason."""
-    right = F.linear_backward
-    monkeypatch.setattr(F, "linear_backward",
-                        lambda dy, cache: (lambda dx, dW, db: (dx, dW, db * np.nan))(*right(dy, cache)))
+    plant(monkeypatch, "linear_backward", lambda dx, dW, db: (dx, dW, db * np.nan))
     rows = {r.name: r for r in check_gradients(randomize(Linear(4, 3, rng=rng), rng),
                                                rng.standard_normal((5, 4)))}
     assert not rows["b"].passed and rows["b"].reason == "the analytic gradient has NaN or inf entries"
@@ -222,8 +221,8 @@ def test_check_gradients_refuses_eval_mode(rng):
 
 def test_check_gradients_refuses_a_random_forward(rng, monkeypatch):
     """Any forward that is not a function of x — here noise added by a patched linear_forward."""
-    right, noise = F.linear_forward, np.random.default_rng(0)
-    monkeypatch.setattr(F, "linear_forward", lambda x, W, b: (lambda y, c: (y + 1e-3 * noise.standard_normal(y.shape), c))(*right(x, W, b)))
+    noise = np.random.default_rng(0)
+    plant(monkeypatch, "linear_forward", lambda y, cache: (y + 1e-3 * noise.standard_normal(y.shape), cache))
     with pytest.raises(ValueError, match=r"forward\(x\) gave two different outputs for the same x "
                                          r"\(max \|difference\| \S+\).*deterministic"):
         check_gradients(randomize(Linear(4, 3, rng=rng), rng), rng.standard_normal((5, 4)))
@@ -232,8 +231,8 @@ def test_check_gradients_refuses_a_random_forward(rng, monkeypatch):
 def test_check_gradients_refuses_a_forward_that_changes_x(rng, monkeypatch):
     right = F.linear_forward
 
-    def changes_x(x, W, b):
-        out = right(x, W, b)
+    def changes_x(x, *args, **kwargs):
+        out = right(x, *args, **kwargs)
         x *= 1.5
         return out
     monkeypatch.setattr(F, "linear_forward", changes_x)
@@ -245,8 +244,8 @@ def test_check_gradients_tolerates_round_off_between_two_forwards(rng, monkeypat
     """A BLAS that is not bit-reproducible differs by round-off between calls: not refused."""
     right, calls = F.linear_forward, []
 
-    def jitter(x, W, b):
-        y, c = right(x, W, b)
+    def jitter(*args, **kwargs):
+        y, c = right(*args, **kwargs)
         calls.append(1)
         return y * (1 + 1e-15 * (len(calls) % 2)), c
     monkeypatch.setattr(F, "linear_forward", jitter)
@@ -291,9 +290,7 @@ def test_format_table_marks_structural_zeros_and_says_why_rows_failed(rng, monke
     assert line.split()[1:3] == ["(8,)", "=0"] and line.endswith("yes")
     assert "=0: true gradient 0 for every input; passes when |grad| <= 1e-12" in text
     assert "FAILED" not in text
-    right = F.linear_backward
-    monkeypatch.setattr(F, "linear_backward",
-                        lambda dy, cache: (lambda dx, dW, db: (dx, dW, 1.1 * db))(*right(dy, cache)))
+    plant(monkeypatch, "linear_backward", lambda dx, dW, db: (dx, dW, 1.1 * db))
     text = format_table(check_gradients(randomize(Linear(4, 3, rng=rng), rng), rng.standard_normal((5, 4))))
     assert "=0" not in text                                         # no legend without a structural zero
     assert re.search(r"^  FAILED b: rel_error \S+ > threshold 1e-07$", text, re.M), text
@@ -360,12 +357,9 @@ def test_gradcheck_main_threshold_is_used(monkeypatch, capsys):
 
 
 def test_gradcheck_main_fails_on_a_planted_bug(monkeypatch, capsys):
-    right = F.lora_linear_backward
-
-    def wrong(dy, cache):
-        dx, dA, dB = right(dy, cache)
-        return dx, dA, dB.T.T * 0.5                            # half of dB
-    monkeypatch.setattr(F, "lora_linear_backward", wrong)
+    """A bug planted in functional.lora_linear_backward, as notebook 03 plants one, is caught
+    (so LoRALinear must look the function up in functional when it runs backward)."""
+    plant(monkeypatch, "lora_linear_backward", lambda dx, dA, dB, *rest: (dx, dA, 0.5 * dB, *rest))
     assert gc.main([]) == 1
     out = capsys.readouterr().out
     assert re.search(r"\d+ gradients checked .*; [1-9]\d* failed", out)
