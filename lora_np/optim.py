@@ -4,8 +4,8 @@
 formulas; Loshchilov & Hutter 2019, arXiv 1711.05101). Both take ``lr_multipliers``: a dict
 from a parameter's last name (``"B"``) or its full dotted name (``"attn.q_proj.B"``) to a
 factor m_θ on the learning rate — LoRA+ (Hayou et al. 2024, arXiv 2402.12354) is
-``lr_multipliers={"B": λ}`` with λ = 16 (``loraplus_multipliers``). λ means LoRA+'s ratio
-and nothing else in this library.
+``lr_multipliers={"B": λ}`` with λ = 16 (``loraplus_multipliers``): λ is LoRA+'s ratio, wd
+the weight decay.
 """
 
 from __future__ import annotations

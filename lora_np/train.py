@@ -1,23 +1,23 @@
-"""The one training loop that every method (full fine-tuning, LoRA at any rank) goes through.
+"""The one training loop: full fine-tuning, LoRA at any rank and every LoRA variant train here.
 
-One step, with ``lr_t`` from the schedule::
+One step (``train_step``), with ``lr_t`` from the schedule::
 
     model.zero_grad()
-    loss, dY = loss_fn(model(X_batch), Y_batch)      # forward + loss and dL/dY
+    loss, dY = mse_loss(model(X_batch), Y_batch)      # forward + loss and dL/dY
     model.backward(dY)                               # fills model.gradients()
     optimizer.step()                                 # θ ← θ − lr_t · update(g)
 
-The loop draws mini-batches (a fresh permutation of the rows every epoch), sets the
-learning rate of each step (cosine decay by default: ``lr_t = lr · ½(1 + cos(π t / steps))``),
-records the training loss of every step and the validation loss every ``eval_every`` steps,
-measures the time per step, prints a progress line on request, and stops with a ValueError
-naming the step as soon as the loss stops being a finite number.
+``train`` repeats it: it draws mini-batches (a fresh permutation of the rows every epoch),
+sets the learning rate of each step (cosine decay by default:
+``lr_t = lr · ½(1 + cos(π t / steps))``), records the training loss of every step and the
+validation loss every ``eval_every`` steps, and measures the time per step. As soon as the
+loss stops being a finite number it stops with ``TrainingDiverged`` (a ValueError that names
+the step and carries the history recorded so far). ``verbose=True`` shows a progress bar.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,8 +27,9 @@ import numpy as np
 from . import functional as F
 from .modules import Module, make_rng
 from .optim import SGD, Adam, Optimizer
+from .validate import check_choice, check_float_array, check_int, check_number
 
-__all__ = ["TrainHistory", "train", "make_optimizer", "learning_rate", "evaluate",
+__all__ = ["TrainHistory", "TrainingDiverged", "train", "train_step", "learning_rate", "evaluate",
            "OPTIMIZERS", "SCHEDULES"]
 
 OPTIMIZERS = ("adam", "sgd")
@@ -46,7 +47,7 @@ class TrainHistory:
         after the final step). Empty if no validation data was given.
     seconds_per_step : float
         Wall time of the training steps (forward, backward, update) divided by ``steps``;
-        validation is not included.
+        validation and the progress bar are not included.
     optimizer : Optimizer
         The optimizer used (its moments are still there, for ``state_bytes()``).
     """
@@ -62,11 +63,16 @@ class TrainHistory:
         return self.val_history[-1][1] if self.val_history else None
 
 
-def make_optimizer(model: Module, name: str = "adam", lr: float = 1e-2, **kwargs) -> Optimizer:
-    """``Adam(model, lr, **kwargs)`` for ``"adam"``, ``SGD(model, lr, **kwargs)`` for ``"sgd"``."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an Optimizer, got {name!r}")
-    return (Adam if name == "adam" else SGD)(model, lr=lr, **kwargs)
+class TrainingDiverged(ValueError):
+    """The loss, the validation loss or a parameter stopped being a finite number.
+
+    ``history`` is the TrainHistory up to the last step whose loss was finite; the model holds
+    the weights that gave the non-finite value.
+    """
+
+    def __init__(self, message: str, history: TrainHistory):
+        super().__init__(message)
+        self.history = history
 
 
 def learning_rate(step: int, steps: int, lr: float, schedule: str = "cosine") -> float:
@@ -81,90 +87,31 @@ def learning_rate(step: int, steps: int, lr: float, schedule: str = "cosine") ->
     return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
-def evaluate(model: Module, x: np.ndarray, y: np.ndarray, loss_fn=F.mse_loss) -> float:
-    """``loss_fn(model(x), y)``'s loss in eval mode (no dropout); the model's mode is restored."""
+def evaluate(model: Module, x: np.ndarray, y: np.ndarray) -> float:
+    """``mse_loss(model(x), y)`` in eval mode (no dropout); the model's mode is restored."""
     was_training = model.training
     model.eval()
     try:
-        return float(loss_fn(model(x), y)[0])
+        return float(F.mse_loss(model(x), y)[0])
     finally:
         model.train(was_training)
 
 
-# --------------------------------------------------------------------------- checks
+def train_step(model: Module, optimizer: Optimizer, x: np.ndarray, y: np.ndarray) -> float:
+    """One step on the batch (x, y): zero the gradients, forward, MSE loss, backward, update.
 
-
-def _check_data(name_x, x, name_y, y):
-    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
-        raise TypeError(f"{name_x} and {name_y} must be NumPy arrays, got "
-                        f"{type(x).__name__} and {type(y).__name__}")
-    if x.ndim < 1 or y.ndim < 1 or len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"{name_x} and {name_y} need the same number of rows (>= 1) along axis 0, "
-                         f"got shapes {x.shape} and {y.shape}")
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_lr(lr):
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise TypeError(f"lr must be a number, got {lr!r}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr}")
-    return float(lr)
-
-
-def _resolve_optimizer(model, optimizer, lr, weight_decay):
-    if isinstance(optimizer, Optimizer):
-        if optimizer.model is not model:
-            raise ValueError("optimizer was built for a different model; build it with this model")
-        return optimizer
-    if not isinstance(optimizer, str):
-        raise TypeError(f"optimizer must be one of {OPTIMIZERS} or an Optimizer, got {optimizer!r}")
-    kwargs = {"weight_decay": weight_decay} if optimizer == "adam" and weight_decay else {}
-    if optimizer == "sgd" and weight_decay:
-        raise ValueError("weight_decay is an Adam (AdamW) option here; use optimizer='adam'")
-    return make_optimizer(model, optimizer, lr, **kwargs)
-
-
-def _batches(rng, n, batch_size):
-    """Endless stream of row-index arrays: a new permutation of range(n) each epoch, cut into
-    batches of ``batch_size`` (the last batch of an epoch may be smaller)."""
-    while True:
-        order = rng.permutation(n)
-        for start in range(0, n, batch_size):
-            yield order[start:start + batch_size]
-
-
-class _Progress:
-    """A progress line on stderr, rewritten in place with ``\\r`` every ``every`` steps on a
-    terminal; into a file or pipe (a log, CI) only the last step's line, so that a log does not
-    fill with ``\\r``-joined lines."""
-
-    def __init__(self, label, steps, every, stream):
-        self.label, self.steps, self.every, self.stream = label, steps, every, stream
-        self.live = bool(getattr(stream, "isatty", lambda: False)())
-        self.t0 = time.perf_counter()
-
-    def update(self, step, loss, lr, val=None):
-        if step != self.steps and (step % self.every or not self.live):
-            return
-        back = "\r" if self.live else ""            # back to the start of the terminal line
-        text = (f"{back}{self.label}step {step:>{len(str(self.steps))}}/{self.steps}  "
-                f"loss {loss:.3e}  lr {lr:.2e}")
-        if val is not None:
-            text += f"  val {val:.3e}"
-        self.stream.write(text + f"  {time.perf_counter() - self.t0:5.1f}s")
-        self.stream.flush()
-
-    def close(self):
-        self.stream.write("\n")
-        self.stream.flush()
+    Returns the loss on (x, y) *before* the update. A non-finite loss is returned without a
+    backward pass or an update (its gradient would make every weight NaN), so the model keeps
+    the weights that produced it; the caller decides what it means (``train`` raises).
+    """
+    model.zero_grad()
+    # overflow / invalid values are not warnings here: the caller sees the non-finite loss
+    with np.errstate(over="ignore", invalid="ignore"):
+        loss, dY = F.mse_loss(model(x), y)
+        if math.isfinite(loss):
+            model.backward(dY)
+            optimizer.step()
+    return float(loss)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -172,11 +119,10 @@ class _Progress:
 
 def train(model: Module, x: np.ndarray, y: np.ndarray, *, steps: int = 600, lr: float | None = None,
           optimizer="adam", batch_size: int | None = 256, schedule: str = "cosine",
-          weight_decay: float = 0.0, x_val: np.ndarray | None = None,
-          y_val: np.ndarray | None = None, eval_every: int | None = None,
-          loss_fn=F.mse_loss, rng=None, verbose: bool = False, print_every: int | None = None,
-          label: str = "", stream=None) -> TrainHistory:
-    """Train ``model``'s trainable parameters on (x, y) in place and return the history.
+          x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
+          eval_every: int | None = None, rng=None, verbose: bool = False,
+          label: str = "") -> TrainHistory:
+    """Train ``model``'s trainable parameters on (x, y) with the MSE loss, in place.
 
     Parameters
     ----------
@@ -189,27 +135,21 @@ def train(model: Module, x: np.ndarray, y: np.ndarray, *, steps: int = 600, lr: 
     lr : float, optional
         Peak learning rate (> 0). Default: 1e-2, or the ``lr`` a ready optimizer was built with.
     optimizer : "adam", "sgd" or an ``Optimizer`` built for ``model``
-        The schedule sets the optimizer's ``lr`` attribute before every step.
+        A ready optimizer carries its own settings (``Adam(model, lr, weight_decay=0.1)``,
+        ``lr_multipliers`` for LoRA+); the schedule sets its ``lr`` before every step.
     batch_size : int or None
         Rows per step; None (or >= N) means full-batch.
     schedule : "cosine" or "constant"
         See ``learning_rate``.
-    weight_decay : float
-        AdamW's decoupled weight decay (Adam only).
     x_val, y_val : ndarray, optional
-        Validation data; its loss is recorded at step 0, every ``eval_every`` steps and after
-        the last step.
-    eval_every : int, optional
-        Default: ``max(1, steps // 20)``.
-    loss_fn : callable (pred, target) -> (loss, dpred)
-        Default ``functional.mse_loss``; ``functional.cross_entropy_loss`` works too.
+        Validation data; its loss is recorded at step 0, every ``eval_every`` steps (default
+        ``max(1, steps // 20)``) and after the last step.
     rng : Generator, int or None
         Order of the mini-batches (None means seed 0: reproducible).
     verbose : bool
-        Print a progress line to ``stream`` (default stderr) every ``print_every`` steps
-        (default ``max(1, steps // 20)``), rewritten in place with ``\\r``.
-    label : str
-        Prefix of the progress line, e.g. ``"LoRA r=4  "``.
+        Show a progress bar (tqdm: steps, elapsed<remaining, loss, lr, validation loss) on
+        stderr, prefixed by ``label`` (e.g. ``"LoRA r=4  "``): live in a terminal or in
+        Jupyter; in a log file or pipe, one summary line when training stops.
 
     Returns
     -------
@@ -217,73 +157,141 @@ def train(model: Module, x: np.ndarray, y: np.ndarray, *, steps: int = 600, lr: 
 
     Raises
     ------
-    ValueError
-        Bad arguments (nothing is changed), or — during training — the loss is not a finite
-        number; the message names the step. The model then holds the weights of that step.
+    TypeError, ValueError
+        Bad arguments; nothing is changed.
+    TrainingDiverged (a ValueError)
+        During training, the loss is not a finite number; the message names the step.
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lora_np Module, got {type(model).__name__}")
-    _check_data("x", x, "y", y)
-    steps = _check_int("steps", steps, 1)
-    if lr is None:
-        lr = optimizer.lr if isinstance(optimizer, Optimizer) else 1e-2
-    lr = _check_lr(lr)
-    n = len(x)
-    batch_size = n if batch_size is None else min(_check_int("batch_size", batch_size, 1), n)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    x, y = _check_data("x", x, "y", y)
     has_val = x_val is not None or y_val is not None
     if has_val:
-        _check_data("x_val", x_val, "y_val", y_val)
-    eval_every = max(1, steps // 20) if eval_every is None else _check_int("eval_every", eval_every, 1)
-    print_every = max(1, steps // 20) if print_every is None else _check_int("print_every", print_every, 1)
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable (pred, target) -> (loss, dpred), got {loss_fn!r}")
-    rng = make_rng(rng)
-    opt = _resolve_optimizer(model, optimizer, lr, weight_decay)
+        x_val, y_val = _check_data("x_val", x_val, "y_val", y_val)
+    steps = check_int("steps", steps, minimum=1)
+    n = len(x)
+    batch_size = n if batch_size is None else min(check_int("batch_size", batch_size, minimum=1), n)
+    check_choice("schedule", schedule, SCHEDULES)
+    eval_every = max(1, steps // 20) if eval_every is None else check_int("eval_every", eval_every, minimum=1)
+    lr, opt = _optimizer(model, optimizer, lr)
 
     history = TrainHistory(optimizer=opt)
     if has_val:
-        history.val_history.append((0, evaluate(model, x_val, y_val, loss_fn)))
-    progress = _Progress(label, steps, print_every, stream or sys.stderr) if verbose else None
-    batches = _batches(rng, n, batch_size)
+        history.val_history.append((0, evaluate(model, x_val, y_val)))
+    batches = _batches(make_rng(rng), n, batch_size)
     model.train()
     elapsed = 0.0
-    try:
+    with _Progress(steps, label, enabled=verbose) as progress:
         for step in range(1, steps + 1):
             idx = next(batches)
             xb, yb = (x, y) if batch_size == n else (x[idx], y[idx])
-            t0 = time.perf_counter()
             opt.lr = learning_rate(step - 1, steps, lr, schedule)
-            model.zero_grad()
-            # overflow / invalid values are not warnings here: they are caught below as a
-            # non-finite loss and reported as an error that names the step
-            with np.errstate(over="ignore", invalid="ignore"):
-                loss, dpred = loss_fn(model(xb), yb)
-                if not math.isfinite(loss):
-                    raise ValueError(f"train: the loss became {loss} at step {step} of {steps} "
-                                     f"(lr {opt.lr:.3g}); the learning rate is probably too "
-                                     "large — lower it and start again from fresh weights")
-                model.backward(dpred)
-                opt.step()
+            t0 = time.perf_counter()
+            loss = train_step(model, opt, xb, yb)
             elapsed += time.perf_counter() - t0
-            history.loss_history.append(float(loss))
-            val = None
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"train: the loss became {loss} at step {step} of {steps} "
+                                       f"(lr {opt.lr:.3g}); the learning rate is probably too "
+                                       "large — lower it and start again from fresh weights", history)
+            history.loss_history.append(loss)
             if has_val and (step % eval_every == 0 or step == steps):
                 with np.errstate(over="ignore", invalid="ignore"):
-                    val = evaluate(model, x_val, y_val, loss_fn)
+                    val = evaluate(model, x_val, y_val)
                 if not math.isfinite(val):
-                    raise ValueError(f"train: the validation loss became {val} after step {step} "
-                                     f"of {steps} (lr {opt.lr:.3g}); lower the learning rate")
+                    raise TrainingDiverged(f"train: the validation loss became {val} after step "
+                                           f"{step} of {steps} (lr {opt.lr:.3g}); lower the "
+                                           "learning rate", history)
                 history.val_history.append((step, val))
-            if progress:
-                progress.update(step, loss, opt.lr, val)
-    finally:
-        if progress:
-            progress.close()
+            progress.update(loss, opt.lr, history.final_val_loss)
     bad = [name for name, p in model.trainable_parameters().items() if not np.all(np.isfinite(p))]
     if bad:
-        raise ValueError(f"train: parameters {bad} became non-finite at step {steps} of {steps}; "
-                         "lower the learning rate")
+        raise TrainingDiverged(f"train: parameters {bad} became non-finite at step {steps} of "
+                               f"{steps}; lower the learning rate", history)
     history.seconds_per_step = elapsed / steps
     return history
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_data(name_x, x, name_y, y):
+    """x, y as float arrays (see ``check_float_array``) with one row per example each."""
+    x, y = check_float_array(name_x, x, finite=False), check_float_array(name_y, y, finite=False)
+    if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+        raise ValueError(f"{name_x} and {name_y} need the same number of rows along axis 0, "
+                         f"got shapes {x.shape} and {y.shape}")
+    return x, y
+
+
+def _optimizer(model, optimizer, lr):
+    """(peak lr, optimizer): a ready optimizer as it is (it must hold ``model``), or a new
+    ``Adam``/``SGD`` for the names in OPTIMIZERS."""
+    if isinstance(optimizer, Optimizer):
+        if optimizer.model is not model:
+            raise ValueError("optimizer was built for a different model; build it with this model")
+        return check_number("lr", optimizer.lr if lr is None else lr, positive=True), optimizer
+    if not isinstance(optimizer, str):
+        raise TypeError(f"optimizer must be one of {OPTIMIZERS} or an Optimizer, got {optimizer!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an Optimizer, got {optimizer!r}")
+    lr = check_number("lr", 1e-2 if lr is None else lr, positive=True)
+    return lr, (Adam if optimizer == "adam" else SGD)(model, lr=lr)
+
+
+def _batches(rng, n, batch_size):
+    """Endless stream of row-index arrays: a new permutation of range(n) each epoch, cut into
+    batches of ``batch_size`` (the last batch of an epoch may be smaller)."""
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n, batch_size):
+            yield order[start:start + batch_size]
+
+
+class _Progress:
+    """``verbose=True``'s report on stderr: a tqdm bar (steps done, elapsed<remaining, loss,
+    lr, validation loss), live in a terminal and in Jupyter (``tqdm.auto`` draws a widget).
+
+    A log file or pipe (stderr is not a terminal) would fill with the bar's ``\\r``-joined
+    redraws, so there it gets one summary line instead, written when training stops.
+    ``enabled=False``: nothing at all.
+    """
+
+    def __init__(self, steps: int, label: str, enabled: bool):
+        self.steps, self.label, self.step, self.stats = steps, label, 0, ""
+        self.enabled, self.bar, self.t0 = enabled, None, time.perf_counter()
+        if not enabled:
+            return
+        # imported here: only a verbose run needs tqdm. tqdm.auto imports tqdm.autonotebook
+        # (without its warning), whose tqdm is the Jupyter widget in Jupyter, else the text bar
+        import tqdm.auto  # noqa: F401
+        from tqdm.autonotebook import tqdm
+        from tqdm.std import tqdm as text_tqdm
+        if tqdm is not text_tqdm or _is_terminal(sys.stderr):
+            self.bar = tqdm(total=steps, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                       "[{elapsed}<{remaining}{postfix}]")
+
+    def update(self, loss: float, lr: float, val: float | None):
+        if not self.enabled:
+            return
+        self.step += 1
+        self.stats = f"loss {loss:.3e}  lr {lr:.2e}" + ("" if val is None else f"  val {val:.3e}")
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.stats, refresh=False)
+            self.bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            sys.stderr.write(f"{self.label}step {self.step}/{self.steps}  {self.stats}  "
+                             f"{time.perf_counter() - self.t0:.1f}s\n")
+            sys.stderr.flush()
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())

@@ -1,11 +1,12 @@
 """Experiments for the LoRA variants: rsLoRA, LoRA+, PiSSA and DoRA (notebook 07).
 
-Each experiment trains small adapters with the library's own modules and optimizers and returns
-a plain result object (a frozen dataclass of NumPy arrays and numbers); ``lora_np.plots``
-draws them. Everything is seeded, so every number is reproducible bit for bit.
+Each experiment trains small adapters with the library's own modules, optimizers and training
+loop (``lora_np.train``) and returns a plain result object (a frozen dataclass of NumPy arrays
+and numbers); ``lora_np.plots`` draws them. Everything is seeded, so every number is
+reproducible bit for bit.
 
 The task is a teacher–student linear regression with a known answer, small enough that a whole
-notebook of sweeps runs in seconds:
+notebook of sweeps stays quick:
 
     X (N, d_in) ~ N(0, I),   Y = X (W₀ + ΔW*)ᵀ,   student = W₀ frozen + a rank-r adapter
 
@@ -34,9 +35,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import functional as F
+from .analysis import tail_energy
 from .lora import DoRALinear, LoRALinear, lora_scale
 from .modules import Linear
 from .optim import SGD, Adam, loraplus_multipliers
+from .tasks import random_orthonormal
+from .train import TrainingDiverged, train, train_step
+from .validate import check_choice, check_int
 
 __all__ = ["RegressionTask", "make_task", "fit_adapter", "FirstUpdateResult", "first_update_size",
            "RankScalingResult", "rank_scaling_curves", "LoRAPlusResult", "loraplus_sweep",
@@ -49,12 +54,6 @@ SCALINGS = {"α/r": False, "α/√r": True}
 # ------------------------------------------------------------------------------ task
 
 
-def _orthonormal(rng, n, k):
-    """(n, k) matrix with orthonormal columns (QR of a Gaussian matrix)."""
-    q, r = np.linalg.qr(rng.standard_normal((n, k)))
-    return q * np.sign(np.diag(r))                # fix signs: a unique, reproducible Q
-
-
 @dataclass(frozen=True)
 class RegressionTask:
     """Teacher–student regression ``Y = X (W₀ + ΔW*)ᵀ``.
@@ -65,21 +64,21 @@ class RegressionTask:
     Y: np.ndarray
     W0: np.ndarray
     dW: np.ndarray
-    shift: str
 
     def loss_floor(self, W_frozen: np.ndarray, r: int) -> float:
         """Smallest training MSE of ``X (W_frozen + D)ᵀ`` over all D of rank ≤ r.
 
         With ``M = W₀ + ΔW* − W_frozen`` and ``C = XᵀX / N``, the MSE of D is
         ``tr((M − D) C (M − D)ᵀ) / d_out``; substituting ``D = E C^(−1/2)`` makes it a plain
-        Frobenius distance, so by Eckart–Young the minimum is ``Σ_{k>r} σ_k(M C^(1/2))² / d_out``.
+        Frobenius distance, so by Eckart–Young (``analysis.tail_energy``) the minimum is
+        ``Σ_{k>r} σ_k(M C^(1/2))² / d_out``.
         """
         M = self.W0 + self.dW - W_frozen
         C = self.X.T @ self.X / self.X.shape[0]     # (d_in, d_in), positive definite for N ≥ d_in
         evals, Q = np.linalg.eigh(C)
         C_half = (Q * np.sqrt(np.clip(evals, 0.0, None))) @ Q.T
         sigma = np.linalg.svd(M @ C_half, compute_uv=False)
-        return float((sigma[r:] ** 2).sum() / M.shape[0])
+        return float(tail_energy(sigma)[r] / M.shape[0])
 
 
 def make_task(d=32, n=128, shift_rank=None, shift="random", shift_scale=1.0, decay=0.5, seed=0):
@@ -93,13 +92,10 @@ def make_task(d=32, n=128, shift_rank=None, shift="random", shift_scale=1.0, dec
     ``shift="rescale"``: ΔW* = diag(δ) W₀ with δ_i ~ N(0, shift_scale²) — every output row of
     W₀ rescaled, a full-rank change (shift_rank is ignored) that DoRA's magnitude m fits exactly.
     """
-    if shift not in ("random", "principal", "rescale"):
-        raise ValueError(f"shift must be 'random', 'principal' or 'rescale', got {shift!r}")
-    shift_rank = d if shift_rank is None else shift_rank
-    if not 1 <= shift_rank <= d:
-        raise ValueError(f"shift_rank must satisfy 1 <= shift_rank <= d = {d}, got {shift_rank}")
+    check_choice("shift", shift, ("random", "principal", "rescale"))
+    shift_rank = check_int("shift_rank", d if shift_rank is None else shift_rank, 1, d)
     rng = np.random.default_rng(seed)
-    U, V = _orthonormal(rng, d, d), _orthonormal(rng, d, d)
+    U, V = random_orthonormal(rng, d, d), random_orthonormal(rng, d, d)
     sigma = 2.0 * np.arange(1, d + 1) ** -float(decay)
     W0 = (U * sigma) @ V.T                                  # (d, d)
     k = np.arange(1, shift_rank + 1)
@@ -109,45 +105,40 @@ def make_task(d=32, n=128, shift_rank=None, shift="random", shift_scale=1.0, dec
         if shift == "principal":
             P, weights = U[:, :shift_rank], sigma[:shift_rank]
         else:
-            P, weights = _orthonormal(rng, d, shift_rank), k ** -0.5
-        dW = shift_scale * (P * weights) @ _orthonormal(rng, d, shift_rank).T
+            P, weights = random_orthonormal(rng, d, shift_rank), k ** -0.5
+        dW = shift_scale * (P * weights) @ random_orthonormal(rng, d, shift_rank).T
     X = rng.standard_normal((n, d))
-    return RegressionTask(X=X, Y=X @ (W0 + dW).T, W0=W0, dW=dW, shift=shift)
+    return RegressionTask(X=X, Y=X @ (W0 + dW).T, W0=W0, dW=dW)
 
 
 # ------------------------------------------------------------------------- training
 
 
 def fit_adapter(task, r, alpha, steps, lr, *, rslora=False, init="kaiming", use_dora=False,
-                detach_norm=False, optimizer="adam", lr_ratio=1.0, seed=1):
-    """Train one adapter on ``task`` with full-batch steps; return ``(losses, layer)``.
+                detach_norm=False, lr_ratio=1.0):
+    """Train one adapter on ``task`` with ``train`` (full batch, Adam at a constant ``lr``);
+    return ``(losses, layer)``.
 
-    losses : (steps + 1,) training MSE before each step and after the last one.
-    ``lr_ratio`` is LoRA+'s λ (B's learning rate is λ·lr). ``optimizer``: "adam" or "sgd".
-    A non-finite loss stops training and the remaining entries are NaN (a diverged run).
+    losses : (steps + 1,) training MSE before each step and after the last one. ``lr_ratio``
+    is LoRA+'s λ (B's learning rate is λ·lr). A is drawn from seed 1 in every run, so runs that
+    differ in one setting start from the same A. A run that diverges keeps the losses it
+    reached and NaN from the first non-finite one on.
     """
-    if optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     d_out, d_in = task.W0.shape
     base = Linear(d_in, d_out, bias=False)
     base.W[...] = task.W0
-    kwargs = dict(rslora=rslora, init=init, rng=seed)
+    kwargs = dict(rslora=rslora, init=init, rng=1)
     layer = DoRALinear(base, r, alpha, detach_norm=detach_norm, **kwargs) if use_dora \
         else LoRALinear(base, r, alpha, **kwargs)
-    opt_cls = Adam if optimizer == "adam" else SGD
-    opt = opt_cls(layer, lr, lr_multipliers=loraplus_multipliers(lr_ratio))
+    opt = Adam(layer, lr, lr_multipliers=loraplus_multipliers(lr_ratio))
     losses = np.full(steps + 1, np.nan)
-    with np.errstate(over="ignore", invalid="ignore"):        # a diverging run is reported as NaN
-        for t in range(steps + 1):
-            loss, dy = F.mse_loss(layer(task.X), task.Y)
-            if not np.isfinite(loss):
-                break
-            losses[t] = loss
-            if t == steps:
-                break
-            layer.zero_grad()
-            layer.backward(dy)
-            opt.step()
+    try:                                          # the training set is the validation set too:
+        history = train(layer, task.X, task.Y, steps=steps, optimizer=opt, batch_size=None,
+                        schedule="constant", x_val=task.X, y_val=task.Y, eval_every=steps)
+        recorded = history.loss_history + [history.final_val_loss]    # + the loss after the last step
+    except TrainingDiverged as diverged:
+        recorded = diverged.history.loss_history
+    losses[:len(recorded)] = recorded
     return losses, layer
 
 
@@ -189,7 +180,7 @@ def first_update_size(ranks=(1, 2, 4, 8, 16, 32, 64), alpha=8.0, d=64, n_example
     rng = np.random.default_rng(seed)
     base = Linear(d, d, rng=rng)
     X = rng.standard_normal((n_examples, d))
-    T = rng.standard_normal((n_examples, d))
+    Y = rng.standard_normal((n_examples, d))                 # targets: any g = ∂L/∂y will do
     ranks = np.asarray(ranks)
     sizes, predicted = {}, {}
     for label, rslora in SCALINGS.items():
@@ -198,13 +189,11 @@ def first_update_size(ranks=(1, 2, 4, 8, 16, 32, 64), alpha=8.0, d=64, n_example
             layer = LoRALinear(base, int(r), alpha, rslora=rslora, rng=seed + int(r))
             opt = SGD(layer, lr)
             for j in range(n_examples):
-                x = X[j:j + 1]                               # (1, d): one example
+                x, y = X[j:j + 1], Y[j:j + 1]                # (1, d) each: one example
                 layer.B[...] = 0.0
                 y0 = layer(x)
-                _, g = F.mse_loss(y0, T[j:j + 1])
-                layer.zero_grad()
-                layer.backward(g)
-                opt.step()
+                g = F.mse_loss(y0, y)[1]                     # ∂L/∂y at B = 0
+                train_step(layer, opt, x, y)                 # the one SGD step: only B moves
                 out[i, j] = np.linalg.norm(layer(x) - y0) / (lr * np.linalg.norm(g))
         sizes[label] = out
         s = np.array([lora_scale(alpha, int(r), rslora) for r in ranks])

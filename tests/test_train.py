@@ -3,6 +3,8 @@ with an error naming the step when the loss stops being finite."""
 
 import io
 import math
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from conftest import Snapshot
 from lora_np import MLP, SGD, Adam, Linear, add_lora
 from lora_np import functional as F
-from lora_np.train import TrainHistory, evaluate, learning_rate, train
+from lora_np.train import TrainHistory, TrainingDiverged, evaluate, learning_rate, train, train_step
 
 
 def _problem(seed=0, n=64, d=6, dtype=np.float64):
@@ -125,25 +127,90 @@ def test_nan_in_the_data_is_caught_at_step_1():
         train(_model(), x, y, steps=3, batch_size=None)
 
 
-def test_progress_line_only_when_verbose():
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_in_a_log_is_one_summary_line(monkeypatch):
+    """Into a file or pipe a live bar would write \r-joined redraws: one line at the end instead."""
     x, y = _problem()
-    out = io.StringIO()
-    train(_model(), x, y, steps=40, verbose=True, print_every=10, stream=out, label="demo ",
-          x_val=x, y_val=y, eval_every=10)
-    text = out.getvalue()                 # not a terminal: the last step's line only
-    assert text.startswith("demo step 40/40") and text.count("\n") == 1 and "\r" not in text
-    assert "val" in text and "lr" in text
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    train(_model(), x, y, steps=40, verbose=True, label="demo ", x_val=x, y_val=y, eval_every=10)
+    text = log.getvalue()
+    assert text.startswith("demo step 40/40  loss ") and text.count("\n") == 1 and "\r" not in text
+    assert "  lr " in text and "  val " in text
 
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
 
-    tty = Terminal()
-    train(_model(), x, y, steps=40, verbose=True, print_every=10, stream=tty, label="demo ")
-    assert tty.getvalue().count("\r") == 4 and tty.getvalue().endswith("\n")
-    quiet = io.StringIO()
-    train(_model(), x, y, steps=5, stream=quiet)
-    assert quiet.getvalue() == ""
+def test_progress_bar_in_a_terminal(monkeypatch):
+    x, y = _problem()
+    tty = _Terminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    train(_model(), x, y, steps=40, verbose=True, label="demo ", x_val=x, y_val=y)
+    text = tty.getvalue()
+    assert "\r" in text and text.endswith("\n")               # redrawn in place, then left
+    last = text.rstrip("\n").split("\r")[-1]
+    assert last.startswith("demo 100%|") and "| 40/40 [" in last and "<00:00" in last   # ETA
+    assert "loss " in last and "val " in last
+
+
+def test_progress_uses_tqdm_auto_so_jupyter_gets_its_widget(monkeypatch):
+    """In Jupyter tqdm.auto picks the notebook bar (tqdm.autonotebook.tqdm); it must be used
+    although stderr is no terminal there."""
+    import tqdm.autonotebook
+    import tqdm.std
+    made = []
+
+    class NotebookBar(tqdm.std.tqdm):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.autonotebook, "tqdm", NotebookBar)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    x, y = _problem()
+    train(_model(), x, y, steps=5, verbose=True)
+    assert len(made) == 1 and made[0]["total"] == 5
+
+
+def test_no_progress_unless_verbose(capsys):
+    x, y = _problem()
+    train(_model(), x, y, steps=5, x_val=x, y_val=y)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_diverged_run_stops_the_bar_and_carries_its_history(monkeypatch):
+    x, y = _problem()
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with pytest.raises(TrainingDiverged, match=r"at step \d+ of 50") as info:
+        train(_model(), x, y, steps=50, lr=1e150, optimizer="sgd", schedule="constant", verbose=True)
+    step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    assert isinstance(info.value, ValueError)
+    assert len(info.value.history.loss_history) == step - 1
+    assert all(math.isfinite(v) for v in info.value.history.loss_history)
+    assert log.getvalue().startswith(f"step {step - 1}/50  loss ")
+
+
+def test_train_step_returns_the_loss_before_the_update():
+    x, y = _problem()
+    m = _model()
+    opt = SGD(m, lr=0.1)
+    before = F.mse_loss(m(x), y)[0]
+    assert train_step(m, opt, x, y) == before
+    assert F.mse_loss(m(x), y)[0] < before
+
+
+def test_train_step_does_not_update_on_a_non_finite_loss():
+    x, y = _problem()
+    y = y.copy()
+    y[0, 0] = np.inf
+    m = _model()
+    before = {name: p.copy() for name, p in m.parameters().items()}
+    assert train_step(m, SGD(m, lr=0.1), x, y) == np.inf
+    for name, p in m.parameters().items():
+        np.testing.assert_array_equal(p, before[name], err_msg=name)
 
 
 def test_evaluate_restores_the_mode():
@@ -168,8 +235,8 @@ def test_evaluate_restores_the_mode():
     ({"optimizer": 3}, TypeError, "optimizer must be"),
     ({"x_val": np.zeros((3, 6))}, ValueError, "x_val and y_val"),
     ({"eval_every": 0}, ValueError, "eval_every"),
-    ({"loss_fn": "mse"}, TypeError, "loss_fn"),
-    ({"optimizer": "sgd", "weight_decay": 0.1}, ValueError, "weight_decay"),
+    ({"eval_every": 1.5}, TypeError, "eval_every must be an int"),
+    ({"optimizer": Adam(Linear(6, 3, rng=0), lr=1e-3)}, ValueError, "different model"),
 ])
 def test_bad_arguments_leave_the_model_unchanged(kwargs, error, match):
     x, y = _problem()
@@ -186,10 +253,17 @@ def test_bad_data_and_model():
     x, y = _problem()
     with pytest.raises(ValueError, match="same number of rows"):
         train(_model(), x, y[:-1])
-    with pytest.raises(TypeError, match="NumPy arrays"):
-        train(_model(), x.tolist(), y)
+    with pytest.raises(TypeError, match="x must be a real float32/float64 array"):
+        train(_model(), x.astype(complex), y)
+    with pytest.raises(ValueError, match="need the same number of rows"):
+        train(_model(), np.float64(1.0), y)
     with pytest.raises(TypeError, match="lora_np Module"):
         train(lambda v: v, x, y)
-    other = Linear(6, 3, rng=0)
-    with pytest.raises(ValueError, match="different model"):
-        train(_model(), x, y, optimizer=Adam(other, lr=1e-3))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'weight_decay'"):
+        train(_model(), x, y, weight_decay=0.1)         # a ready Adam(model, lr, weight_decay=…) instead
+
+
+def test_lists_are_data_too():
+    x, y = _problem()
+    a, b = _model(), _model()
+    assert train(a, x.tolist(), y.tolist(), steps=3).loss_history == train(b, x, y, steps=3).loss_history
