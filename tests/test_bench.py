@@ -1,5 +1,6 @@
-"""Tests for lora_np.bench: the FLOP and byte models, dtype preservation and the memory
-behaviour of a training step. Nothing here asserts a wall-clock time."""
+"""Tests for lora_np.bench: what it builds and times agrees with the FLOP and byte models of
+lora_np.counting, dtype preservation, the memory behaviour of a training step, and the command
+(where it writes, what it refuses). Nothing here asserts a wall-clock time."""
 
 import os
 import pathlib
@@ -12,98 +13,16 @@ import numpy as np
 import pytest
 
 from lora_np import Linear, LoRALinear
-from lora_np import bench
-from lora_np.bench import (ADAM_FLOPS_PER_PARAM, BenchConfig, adam_flops, attention_step_flops,
-                           build, linear_step_flops, lora_linear_step_flops, measured_state_bytes,
-                           mlp_step_flops, state_bytes_model, train_step)
+from lora_np import bench, machine
+from lora_np.bench import BenchConfig, build, train_step
+from lora_np.counting import attention_step_flops, measured_total_state_bytes, mlp_step_flops
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOP model: hand counts for tiny shapes
+# a configuration uses the FLOP and byte models of lora_np.counting (tested there)
 # ---------------------------------------------------------------------------------------------
-
-def test_linear_step_flops_by_hand():
-    # N=2, d_in=3, d_out=4: a GEMM is 2·2·3·4 = 48
-    forward = 48 + 2 * 4                     # X Wᵀ + b
-    dX = 48
-    dW_db = 48 + 2 * 4                       # Gᵀ X and Σ_rows G
-    adam = ADAM_FLOPS_PER_PARAM * (12 + 4)   # W and b
-    assert linear_step_flops(2, 3, 4, trainable=True) == forward + dX + dW_db + adam
-    assert linear_step_flops(2, 3, 4, trainable=False) == forward + dX
-
-
-def test_lora_linear_step_flops_by_hand():
-    N, d_in, d_out, r = 2, 3, 4, 1
-    frozen = (2 * N * d_in * d_out + N * d_out) + 2 * N * d_in * d_out     # forward, dX = G W
-    forward_branch = 2 * N * r * d_in + N * r + 2 * N * r * d_out + N * d_out   # H, sH, (sH)Bᵀ, add
-    backward_branch = (2 * N * r * d_out + N * r          # G B, s·(G B)
-                       + 2 * N * r * d_out + r * d_out    # dB = s (Gᵀ H)
-                       + 2 * N * r * d_in                 # dA = (sGB)ᵀ X
-                       + 2 * N * r * d_in + N * d_in)     # (sGB) A, added to dX
-    adam = ADAM_FLOPS_PER_PARAM * r * (d_in + d_out)
-    expected = frozen + forward_branch + backward_branch + adam
-    assert expected == 104 + 106 + 98
-    assert lora_linear_step_flops(N, d_in, d_out, r) == expected
-
-
-def test_lora_skips_exactly_the_dW_gemm_and_adds_the_branch():
-    N, d, r = 64, 32, 4
-    full, lora = linear_step_flops(N, d, d), lora_linear_step_flops(N, d, d, r)
-    frozen = linear_step_flops(N, d, d, trainable=False)
-    # full − frozen = the dW GEMM, db and Adam on W, b
-    assert full - frozen == 2 * N * d * d + N * d + adam_flops(d * d + d)
-    # LoRA − frozen = the branch (6·N·r·(d_in+d_out) GEMM FLOPs + O(N·(r + d))) and Adam on A, B
-    assert lora - frozen == 6 * N * r * 2 * d + 2 * N * r + 2 * N * d + r * d + adam_flops(2 * r * d)
-
-
-def test_mlp_step_flops_by_hand():
-    N, d = 2, 4
-    per_linear = (64 + 8) + 64 + (64 + 8) + ADAM_FLOPS_PER_PARAM * 20
-    elementwise = (bench.GELU_FORWARD_FLOPS + bench.GELU_BACKWARD_FLOPS + bench.MSE_FLOPS) * N * d
-    assert mlp_step_flops(N, d) == 2 * per_linear + elementwise
-    assert mlp_step_flops(N, d, r=2) == 2 * lora_linear_step_flops(N, d, d, 2) + elementwise
-
-
-def test_mlp_flop_ratio_tends_to_two_thirds_plus_2r_over_d():
-    # at large N and d the GEMMs dominate: LoRA/full → (4 + 12 r/d) / 6 = 2/3 + 2r/d
-    N, d, r = 10**6, 8192, 8
-    ratio = mlp_step_flops(N, d, r) / mlp_step_flops(N, d)
-    assert ratio == pytest.approx(2 / 3 + 2 * r / d, rel=2e-3)
-
-
-def test_attention_step_flops_by_hand():
-    batch, T, d, H = 2, 3, 4, 2
-    N, S = batch * T, batch * H * T * T
-    core = (12 * batch * T * T * d
-            + (bench.SOFTMAX_FORWARD_FLOPS + bench.SOFTMAX_BACKWARD_FLOPS) * S + 2 * N * d)
-    rest = 2 * N * d + bench.MSE_FLOPS * N * d          # dX_q + dX_k + dX_v, loss
-    assert attention_step_flops(batch, T, d, H) == 4 * linear_step_flops(N, d, d) + core + rest
-    lora = (2 * lora_linear_step_flops(N, d, d, 1)              # q_proj, v_proj
-            + 2 * linear_step_flops(N, d, d, trainable=False))  # k_proj, o_proj frozen
-    assert attention_step_flops(batch, T, d, H, r=1) == lora + core + rest
-
-
-def test_attention_core_flops_do_not_depend_on_rank():
-    def projections(r):
-        return (2 * lora_linear_step_flops(512, 256, 256, r)
-                + 2 * linear_step_flops(512, 256, 256, trainable=False))
-    cores = {attention_step_flops(8, 64, 256, 4, r) - projections(r) for r in (1, 8, 64)}
-    assert len(cores) == 1
-
-
-@pytest.mark.parametrize("fn, args, exc", [
-    (linear_step_flops, (0, 3, 4), ValueError),
-    (lora_linear_step_flops, (2, 3, 4, 0), ValueError),
-    (mlp_step_flops, (2.0, 4), TypeError),
-    (attention_step_flops, (2, 3, 5, 2), ValueError),       # d not divisible by heads
-    (attention_step_flops, (2, 3, 4, True), TypeError),
-])
-def test_flop_models_reject_bad_sizes(fn, args, exc):
-    with pytest.raises(exc):
-        fn(*args)
-
 
 def test_config_flops_match_the_model_functions():
     assert BenchConfig("mlp", 64, "float32", 8, 128).flops() == mlp_step_flops(128, 64, 8)
@@ -121,25 +40,9 @@ def test_config_flops_match_the_model_functions():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_state_bytes_model_is_exact(model, rank, dtype):
     c = BenchConfig(model, 64, dtype, rank, 64)
-    m, opt, _, _ = build(c)
-    assert measured_state_bytes(m, opt) == c.state_bytes_model()
-
-
-def test_state_bytes_model_by_hand():
-    d, r = 16, 2
-    P = 2 * (d * d + d)                                   # MLP: two Linear layers
-    assert state_bytes_model("mlp", d, None, np.float32) == 4 * 4 * P
-    assert state_bytes_model("mlp", d, r, np.float64) == 8 * (P + 4 * 2 * (r * d + d * r))
-    with pytest.raises(ValueError):
-        state_bytes_model("transformer", d)
-
-
-def test_measured_state_bytes_counts_shared_arrays_once():
-    c = BenchConfig("mlp", 32, "float64", 4, 64)
-    m, opt, _, _ = build(c)
-    before = measured_state_bytes(m, opt)
-    opt.m["extra_alias"] = opt.m[next(iter(opt.m))]       # a second name for the same array
-    assert measured_state_bytes(m, opt) == before
+    m, opt, x, target = build(c)
+    train_step(m, opt, x, target)
+    assert measured_total_state_bytes(m, opt) == c.state_bytes_model()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,11 +164,22 @@ def test_configs_skip_ranks_above_half_the_width():
     assert [c.method for c in groups[0]] == ["full", "LoRA r=1", "LoRA r=8"]
 
 
+def test_build_adapts_the_bench_lora_targets():
+    m, _, _, _ = build(BenchConfig("attention", 64, "float32", 2, 64))
+    assert sorted(n for n in m.trainable_parameters()) == ["q_proj.A", "q_proj.B",
+                                                           "v_proj.A", "v_proj.B"]
+
+
+SMALL = ["--widths", "64", "--ranks", "4", "--dtypes", "float32", "--repeats", "1", "--rows", "64",
+         "--allocator", "default"]
+
+
 def test_main_writes_table_and_plot(tmp_path, capsys):
-    rows = bench.main(["--widths", "64", "--ranks", "4", "--dtypes", "float32", "--repeats", "1",
-                       "--rows", "64", "--out-dir", str(tmp_path), "--allocator", "default"])
-    out = capsys.readouterr().out
-    assert "cores" in out and "LoRA r=4" in out
+    rows = bench.main(SMALL + ["--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert "cores" in captured.out and "LoRA r=4" in captured.out
+    assert f"wrote {tmp_path / 'bench_results.md'}" in captured.out
+    assert "bench: 100%" in captured.err                        # the progress bar, on stderr
     assert [(r.model, r.method) for r in rows] == [("mlp", "full"), ("mlp", "LoRA r=4"),
                                                    ("attention", "full"), ("attention", "LoRA r=4")]
     lora = rows[1]
@@ -276,10 +190,47 @@ def test_main_writes_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "bench_float32.png").stat().st_size > 10_000
 
 
-def test_keep_freed_memory_leaves_an_explicit_environment_alone(monkeypatch):
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
-    assert bench.keep_freed_memory() == "MALLOC_TRIM_THRESHOLD_=123 (from the environment)"
+@pytest.fixture
+def figures(tmp_path, monkeypatch):
+    """bench's figures/ and figures/scratch/ moved into tmp_path, so no test touches the repo."""
+    monkeypatch.setattr(bench, "FIGURES_DIR", tmp_path / "figures")
+    monkeypatch.setattr(bench, "SCRATCH_DIR", tmp_path / "figures" / "scratch")
+    return tmp_path / "figures"
+
+
+@pytest.mark.parametrize("argv, committed", [
+    ([], True), (["--allocator", "keep"], True), (["--no-files"], True),
+    (["--widths", "64,128,256,512,1024"], True),          # the defaults, spelt out
+    (["--quick"], False), (["--allocator", "default"], False), (["--widths", "64"], False),
+    (["--ranks", "8"], False), (["--dtypes", "float32"], False), (["--models", "mlp"], False),
+    (["--rows", "128"], False), (["--repeats", "3"], False),
+])
+def test_only_the_default_run_writes_the_committed_folder(figures, argv, committed):
+    args = bench.parse_args(argv)
+    assert args.committed is committed
+    assert bench.output_dir(args) == (figures if committed else figures / "scratch")
+    assert bench.output_dir(bench.parse_args(argv + ["--out", "elsewhere"])) == pathlib.Path("elsewhere")
+
+
+def test_a_non_default_run_writes_to_scratch_and_says_so(figures, capsys):
+    bench.main(SMALL)
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (figures / "scratch").iterdir()) == ["bench_float32.png",
+                                                                        "bench_results.md"]
+    assert sorted(p.name for p in figures.iterdir()) == ["scratch"]     # nothing committed touched
+    assert f"wrote {figures / 'scratch' / 'bench_results.md'}" in out
+    assert "not the default run" in out
+
+
+def test_the_committed_folder_is_the_repositorys_figures():
+    assert bench.FIGURES_DIR == ROOT / "figures"
+    assert bench.SCRATCH_DIR == ROOT / "figures" / "scratch"
+    assert "/figures/scratch/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_importing_bench_needs_no_matplotlib():
+    code = "import sys, lora_np.bench; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
@@ -288,7 +239,7 @@ def test_allocator_keep_removes_the_page_faults_of_each_step():
     above the mmap threshold) page-faults its arrays back in; with --allocator keep, none.
     Run in a subprocess so that this test process keeps its own allocator settings."""
     faults = {}
-    env = {k: v for k, v in os.environ.items() if k not in bench.MALLOC_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in machine.MALLOC_ENV}
     for mode in ("keep", "default"):
         out = subprocess.run([sys.executable, "-m", "lora_np.bench", "--widths", "256", "--ranks", "8",
                               "--dtypes", "float32", "--models", "mlp", "--repeats", "3", "--no-files",
@@ -310,7 +261,7 @@ def test_main_rejects_bad_options(argv):
 
 
 def _row(model, rank, ms, flops, state, state_model, matmul=100.0):
-    return bench.BenchRow(model=model, dtype="float32", d=1024, method="x", rank=rank, rows=512,
+    return bench.BenchRow(model=model, dtype="float32", d=1024, method="x", rank=rank,
                           ms=ms, flops=flops, gflops=flops / ms / 1e6, matmul_gflops=matmul,
                           state_bytes=state, state_bytes_model=state_model, activation_bytes=1,
                           peak_bytes=1)
@@ -327,7 +278,14 @@ def test_target_summary_checks_the_three_targets():
     assert "off the byte model by 0.00% (≤ 5%)" in text
 
 
-def test_interleaved_medians_times_each_function_in_bursts():
+def test_target_summary_is_empty_without_rows_at_the_target_setting():
+    full = _row("mlp", None, ms=100.0, flops=int(8e9), state=400, state_model=400)
+    lora = _row("mlp", 4, ms=75.0, flops=int(6e9), state=100, state_model=100)
+    bench._fill_ratios([full, lora])
+    assert bench.target_summary([full, lora]) == ""
+
+
+def test_interleaved_timings_times_each_function_in_bursts():
     calls = {"a": 0, "b": 0}
 
     def make(name):
@@ -335,12 +293,7 @@ def test_interleaved_medians_times_each_function_in_bursts():
             calls[name] += 1
         return fn
 
-    meds = bench._interleaved_medians([make("a"), make("b")], repeats=4, min_seconds=0.0, burst=3)
-    assert len(meds) == 2 and all(m >= 0 for m in meds)
-    # 1 sizing call + 2 rounds of (1 untimed + 2 timed) calls each
-    assert calls == {"a": 7, "b": 7}
-
-
-def test_machine_load_is_a_fraction_or_unknown():
-    frac = bench.MachineLoad().others_fraction()
-    assert frac is None or 0.0 <= frac <= 1.0
+    medians, faults = bench._interleaved_timings([make("a"), make("b")], repeats=4, min_seconds=0.0)
+    assert len(medians) == len(faults) == 2 and all(m >= 0 for m in medians)
+    # 1 sizing call + 2 rounds of (1 untimed + BURST - 1 = 2 timed) calls each
+    assert bench.BURST == 3 and calls == {"a": 7, "b": 7}

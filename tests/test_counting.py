@@ -1,13 +1,18 @@
-"""Tests for lora_np.counting: exact paper numbers, the GPT-2 discrepancy, bytes, bad input."""
+"""Tests for lora_np.counting: exact paper numbers, the GPT-2 discrepancy, bytes (formula and
+measured), the FLOP and byte models of a training step (hand counts), bad input."""
 
 import numpy as np
 import pytest
 
-from lora_np.counting import (MODEL_CONFIGS, PAPER_REPORTED, ModelConfig, ParamCount, ParamRow,
-                              adapter_checkpoint_bytes, checkpoint_bytes, count_parameters,
-                              format_parameter_table, full_params, lora_param_count, lora_params,
-                              paper_comparison, parameter_table, state_ratio, target_shape,
-                              total_state_bytes, training_state_bytes)
+from lora_np import counting
+from lora_np.counting import (ADAM_FLOPS_PER_PARAM, ATTENTION_TARGETS, MODEL_CONFIGS,
+                              PAPER_REPORTED, ModelConfig, adam_flops, adapter_checkpoint_bytes,
+                              attention_step_flops, block_targets, checkpoint_bytes, full_params,
+                              linear_step_flops, lora_linear_step_flops, lora_param_count,
+                              lora_params, measured_total_state_bytes,
+                              measured_training_state_bytes, mlp_step_flops, paper_comparison,
+                              state_bytes_model, state_ratio, target_shape, total_state_bytes,
+                              training_state_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,87 +62,6 @@ def test_error_message_names_expected_and_got():
 
 
 # ---------------------------------------------------------------------------------------------
-# a model, duck typed (a tiny fake: the real Module is not imported by counting.py)
-# ---------------------------------------------------------------------------------------------
-
-class FakeModel:
-    """Two-layer toy: attention q_proj with LoRA (W frozen, A/B trainable) and a layer norm."""
-
-    def __init__(self):
-        self._params = {
-            "attn.q_proj.W": np.zeros((6, 4)),     # frozen 24
-            "attn.q_proj.b": np.zeros(6),          # frozen 6
-            "attn.q_proj.A": np.zeros((2, 4)),     # trainable 8
-            "attn.q_proj.B": np.zeros((6, 2)),     # trainable 12
-            "ln1.gamma": np.ones(4),               # trainable 4
-            "ln1.beta": np.zeros(4),               # frozen 4
-            "temperature": np.ones(()),            # trainable 1, top level
-        }
-        self._trainable = {"attn.q_proj.A", "attn.q_proj.B", "ln1.gamma", "temperature"}
-
-    def parameters(self):
-        return dict(self._params)
-
-    def trainable_parameters(self):
-        return {n: p for n, p in self._params.items() if n in self._trainable}
-
-
-def test_count_parameters_on_fake_model():
-    c = count_parameters(FakeModel())
-    assert c == ParamCount(trainable=8 + 12 + 4 + 1, frozen=24 + 6 + 4, total=59)
-
-
-def test_parameter_table_groups_by_dotted_prefix_in_order():
-    rows = parameter_table(FakeModel())
-    assert rows == [ParamRow("attn.q_proj", 20, 30), ParamRow("ln1", 4, 4), ParamRow("", 1, 0)]
-    c = count_parameters(FakeModel())
-    assert sum(r.trainable for r in rows) == c.trainable
-    assert sum(r.frozen for r in rows) == c.frozen
-
-
-def test_format_parameter_table_is_aligned_and_totals():
-    text = format_parameter_table(parameter_table(FakeModel()))
-    lines = text.split("\n")
-    assert lines[0].split() == ["layer", "trainable", "frozen"]
-    assert lines[2].split() == ["attn.q_proj", "20", "30"]
-    assert lines[4].split() == ["(model)", "1", "0"]
-    assert lines[-1].split()[:3] == ["total", "25", "34"]
-    assert "(42.37% trainable)" in lines[-1]                    # 25 / 59
-    # every non-rule line ends its 'frozen' column at the same position
-    ends = {len(ln.split("  (")[0]) for ln in lines if not ln.startswith("-")}
-    assert len(ends) == 1
-
-
-def test_format_parameter_table_thousands_separator():
-    assert "1,234,567" in format_parameter_table([("big", 1234567, 0)])
-
-
-def test_count_parameters_rejects_object_without_api():
-    with pytest.raises(TypeError, match="parameters"):
-        count_parameters(object())
-
-
-def test_count_parameters_rejects_trainable_not_subset():
-    m = FakeModel()
-    m.trainable_parameters = lambda: {"ghost.W": np.zeros(3)}
-    with pytest.raises(ValueError, match="ghost.W"):
-        count_parameters(m)
-
-
-def test_count_parameters_rejects_non_array_values():
-    m = FakeModel()
-    m.parameters = lambda: {"a.W": [1.0, 2.0]}
-    m.trainable_parameters = lambda: {}
-    with pytest.raises(TypeError, match="np.ndarray"):
-        count_parameters(m)
-
-
-def test_format_parameter_table_rejects_bad_row():
-    with pytest.raises(TypeError, match="row 0"):
-        format_parameter_table([("a", 1)])
-
-
-# ---------------------------------------------------------------------------------------------
 # real configs and the paper's numbers (Hu et al. 2021, arXiv:2106.09685)
 # ---------------------------------------------------------------------------------------------
 
@@ -156,36 +80,56 @@ def test_config_is_frozen():
 
 
 def test_gpt3_qv_r1_is_4_7M():                                   # Table 4
-    assert lora_param_count("gpt3-175b", ("q", "v"), 1) == 4_718_592
+    assert lora_param_count("gpt3-175b", ("q_proj", "v_proj"), 1) == 4_718_592
 
 
-@pytest.mark.parametrize("targets, r", [(("q",), 8), (("q", "k"), 4), (("q", "v"), 4),
-                                        (("q", "k", "v", "o"), 2)])
+@pytest.mark.parametrize("targets, r", [(("q_proj",), 8), (("q_proj", "k_proj"), 4),
+                                        (("q_proj", "v_proj"), 4), (ATTENTION_TARGETS, 2)])
 def test_gpt3_table5_budget_is_18_87M(targets, r):                 # Table 5, "18M"
     assert lora_param_count("gpt3-175b", targets, r) == 18_874_368
 
 
 def test_gpt3_qv_r8_is_37_7M():                                  # Table 4
-    assert lora_param_count("gpt3-175b", ["q", "v"], 8) == 37_748_736
+    assert lora_param_count("gpt3-175b", ["q_proj", "v_proj"], 8) == 37_748_736
 
 
 def test_roberta_qv_r8():                                         # Table 2, 0.3M / 0.8M
-    assert lora_param_count("roberta-base", ("q", "v"), 8) == 294_912
-    assert lora_param_count(MODEL_CONFIGS["roberta-large"], ("q", "v"), 8) == 786_432
+    assert lora_param_count("roberta-base", ("q_proj", "v_proj"), 8) == 294_912
+    assert lora_param_count(MODEL_CONFIGS["roberta-large"], ("q_proj", "v_proj"), 8) == 786_432
 
 
-def test_mlp_and_gate_targets():
+def test_target_names_are_the_ones_the_modules_use():
+    # the names add_lora takes on lora_np's MultiHeadAttention and MLP count here too
+    from lora_np import MLP, MultiHeadAttention
+    layers = {**MultiHeadAttention(8, 2).named_children(), **MLP(8, 32, 8).named_children()}
+    assert block_targets("gpt2-medium") == tuple(layers) == ("q_proj", "k_proj", "v_proj",
+                                                             "o_proj", "fc1", "fc2")
+    for name in layers:
+        assert target_shape("gpt2-medium", name) == {"fc1": (4096, 1024), "fc2": (1024, 4096)}.get(
+            name, (1024, 1024))
+    assert lora_param_count("gpt2-medium", ("fc1", "fc2"), 2) == 24 * 2 * 2 * (1024 + 4096)
+
+
+def test_gated_mlp_targets_are_llamas():
     g = MODEL_CONFIGS["llama2-7b"]
-    assert target_shape(g, "up") == (11008, 4096)
-    assert target_shape(g, "down") == (4096, 11008)
-    assert lora_param_count(g, ("gate",), 1) == 32 * (4096 + 11008)
-    assert lora_param_count("gpt2-medium", ("up", "down"), 2) == 24 * 2 * 2 * (1024 + 4096)
+    assert block_targets(g)[4:] == ("gate_proj", "up_proj", "down_proj")
+    assert target_shape(g, "up_proj") == target_shape(g, "gate_proj") == (11008, 4096)
+    assert target_shape(g, "down_proj") == (4096, 11008)
+    assert lora_param_count(g, ("gate_proj",), 1) == 32 * (4096 + 11008)
+
+
+@pytest.mark.parametrize("config, target", [("llama2-7b", "fc1"), ("gpt2-large", "gate_proj"),
+                                            ("gpt2-large", "up_proj"), ("gpt3-175b", "q")])
+def test_names_a_block_does_not_have_are_refused(config, target):
+    # fc1/fc2 only without a gate, gate/up/down only with one; the paper's short "q" is not a name
+    with pytest.raises(ValueError, match=f"unknown target '{target}'.*valid targets"):
+        lora_param_count(config, (target,), 1)
 
 
 def test_gpt2_table3_is_a_real_discrepancy():
     # Formula (q, v, r = 4) gives 0.39M / 0.74M; Table 3 prints 0.35M / 0.77M.
-    medium = lora_param_count("gpt2-medium", ("q", "v"), 4)
-    large = lora_param_count("gpt2-large", ("q", "v"), 4)
+    medium = lora_param_count("gpt2-medium", ("q_proj", "v_proj"), 4)
+    large = lora_param_count("gpt2-large", ("q_proj", "v_proj"), 4)
     assert (medium, large) == (393_216, 737_280)
     assert round(medium / 1e6, 2) != 0.35 and round(large / 1e6, 2) != 0.77
     # and no integer r·n_targets would round to the printed value either
@@ -202,7 +146,7 @@ def test_paper_comparison_shows_the_gap_without_fudging():
         assert row.paper == PAPER_REPORTED[key].value
         assert row.ratio == pytest.approx(row.formula / row.paper)
         assert row.citation.startswith("Hu et al. 2021")
-    gpt2 = rows[("gpt2-medium", ("q", "v"), 4)], rows[("gpt2-large", ("q", "v"), 4)]
+    gpt2 = rows[("gpt2-medium", ("q_proj", "v_proj"), 4)], rows[("gpt2-large", ("q_proj", "v_proj"), 4)]
     assert gpt2[0].ratio == pytest.approx(1.1235, abs=1e-4)
     assert gpt2[1].ratio == pytest.approx(0.9575, abs=1e-4)
     exact = [r for k, r in rows.items() if k[0] in ("gpt3-175b", "roberta-base", "roberta-large")
@@ -212,17 +156,12 @@ def test_paper_comparison_shows_the_gap_without_fudging():
 
 def test_unknown_config_lists_valid_names():
     with pytest.raises(ValueError, match="gpt3-175b"):
-        lora_param_count("gpt-5", ("q",), 1)
+        lora_param_count("gpt-5", ("q_proj",), 1)
 
 
 def test_unknown_target_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"'q', 'k', 'v', 'o'"):
+    with pytest.raises(ValueError, match=r"'q_proj', 'k_proj', 'v_proj', 'o_proj', 'fc1', 'fc2'"):
         lora_param_count("gpt3-175b", ("x",), 1)
-
-
-def test_gate_only_for_gated_mlp():
-    with pytest.raises(ValueError, match="gate"):
-        lora_param_count("gpt2-large", ("gate",), 1)
 
 
 def test_targets_as_string_rejected():
@@ -234,18 +173,18 @@ def test_empty_and_repeated_targets_rejected():
     with pytest.raises(ValueError, match="at least one"):
         lora_param_count("gpt3-175b", (), 1)
     with pytest.raises(ValueError, match="repeat"):
-        lora_param_count("gpt3-175b", ("q", "q"), 1)
+        lora_param_count("gpt3-175b", ("q_proj", "q_proj"), 1)
 
 
 def test_config_wrong_type_rejected():
     with pytest.raises(TypeError, match="ModelConfig"):
-        lora_param_count(42, ("q",), 1)
+        lora_param_count(42, ("q_proj",), 1)
 
 
 def test_custom_config_works():
     tiny = ModelConfig("tiny", d_model=8, n_layers=2, n_heads=2, d_ff=32, vocab_size=10,
                        n_params=1000)
-    assert lora_param_count(tiny, ("q", "v"), 2) == 2 * 2 * 2 * 16
+    assert lora_param_count(tiny, ("q_proj", "v_proj"), 2) == 2 * 2 * 2 * 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,12 +196,12 @@ def test_gpt3_full_checkpoint_is_350GB_fp16():
 
 
 def test_gpt3_qv_r4_adapter_is_37_7MB_not_35MB():
-    b = adapter_checkpoint_bytes("gpt3-175b", ("q", "v"), 4)
+    b = adapter_checkpoint_bytes("gpt3-175b", ("q_proj", "v_proj"), 4)
     assert b == 37_748_736                      # 37.7 MB decimal
     assert b / 2**20 == pytest.approx(36.0)     # 36.0 MiB
     assert 9_000 < 350e9 / b < 10_000           # "roughly 10,000x" is ≈ 9,272x
     # no GPT-3 (targets, r) lands on 35 MB: adapters come in 4,718,592-byte units
-    unit = adapter_checkpoint_bytes("gpt3-175b", ("q",), 1)
+    unit = adapter_checkpoint_bytes("gpt3-175b", ("q_proj",), 1)
     assert unit == 4_718_592
     assert 7 * unit < 35e6 < 8 * unit
 
@@ -293,7 +232,7 @@ def test_state_ratio_is_parameter_ratio():
     assert state_ratio(1000, 10, "adam") == 100.0
     assert state_ratio(1000, 10, "sgd") == 100.0
     full = MODEL_CONFIGS["gpt3-175b"].n_params
-    lora = lora_param_count("gpt3-175b", ("q", "v"), 4)
+    lora = lora_param_count("gpt3-175b", ("q_proj", "v_proj"), 4)
     assert state_ratio(full, lora) == pytest.approx(full / lora)
 
 
@@ -305,7 +244,7 @@ def test_total_state_includes_frozen_weights_gpt3():
 
 
 def test_training_state_bad_optimizer_and_dtype():
-    with pytest.raises(ValueError, match=r"\['adam', 'sgd'\]"):
+    with pytest.raises(ValueError, match=r"optimizer must be one of \('sgd', 'adam'\)"):
         training_state_bytes(10, "rmsprop")
     with pytest.raises(TypeError, match="floating"):
         training_state_bytes(10, "adam", np.int32)
@@ -314,3 +253,156 @@ def test_training_state_bad_optimizer_and_dtype():
 def test_state_ratio_zero_lora_rejected():
     with pytest.raises(ValueError, match="n_lora"):
         state_ratio(10, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# measured training state: each array once
+# ---------------------------------------------------------------------------------------------
+
+class _Optimizer:
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+    def state_bytes(self):
+        return self.nbytes
+
+
+class _TiedModel:
+    """Two layers that share one frozen W and one trainable B (tied weights): five names,
+    three parameter arrays."""
+
+    def __init__(self):
+        self.W, self.A, self.B = np.zeros((6, 4)), np.zeros((2, 4)), np.zeros((6, 2))
+        self.dA, self.dB = np.zeros_like(self.A), np.zeros_like(self.B)
+
+    def parameters(self):
+        return {"enc.W": self.W, "dec.W": self.W, "enc.A": self.A, "enc.B": self.B, "dec.B": self.B}
+
+    def trainable_parameters(self):
+        return {"enc.A": self.A, "enc.B": self.B, "dec.B": self.B}
+
+    def gradients(self):
+        return {"enc.A": self.dA, "enc.B": self.dB, "dec.B": self.dB}
+
+
+def test_measured_state_counts_shared_arrays_once():
+    m, opt = _TiedModel(), _Optimizer(2 * (8 + 12) * 8)      # Adam's m, v of A and B
+    trainable = (8 + 12) * 8 * 2 + opt.nbytes                 # A, B, dA, dB + moments
+    assert measured_training_state_bytes(m, opt) == trainable
+    assert measured_total_state_bytes(m, opt) == trainable + 24 * 8      # + W once
+    assert measured_training_state_bytes(m, opt) == training_state_bytes(8 + 12, "adam")
+
+
+def test_measured_state_of_a_real_lora_model_matches_the_formulas():
+    from lora_np import MLP, Adam, add_lora
+    model = add_lora(MLP(8, 16, 4, rng=0), ["fc1"], r=2, alpha=4, rng=0)
+    opt = Adam(model, lr=1e-3)
+    n_lora, n_frozen = 2 * (8 + 16), (16 * 8 + 16) + (4 * 16 + 4)
+    assert measured_training_state_bytes(model, opt) == training_state_bytes(n_lora, "adam")
+    assert measured_total_state_bytes(model, opt) == total_state_bytes(n_lora, n_frozen, "adam")
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP model of a training step: hand counts for tiny shapes
+# ---------------------------------------------------------------------------------------------
+
+def test_linear_step_flops_by_hand():
+    # N=2, d_in=3, d_out=4: a GEMM is 2·2·3·4 = 48
+    forward = 48 + 2 * 4                     # X Wᵀ + b
+    dX = 48
+    dW_db = 48 + 2 * 4                       # Gᵀ X and Σ_rows G
+    adam = ADAM_FLOPS_PER_PARAM * (12 + 4)   # W and b
+    assert linear_step_flops(2, 3, 4, trainable=True) == forward + dX + dW_db + adam
+    assert linear_step_flops(2, 3, 4, trainable=False) == forward + dX
+
+
+def test_lora_linear_step_flops_by_hand():
+    N, d_in, d_out, r = 2, 3, 4, 1
+    frozen = (2 * N * d_in * d_out + N * d_out) + 2 * N * d_in * d_out     # forward, dX = G W
+    forward_branch = 2 * N * r * d_in + N * r + 2 * N * r * d_out + N * d_out   # H, sH, (sH)Bᵀ, add
+    backward_branch = (2 * N * r * d_out + N * r          # G B, s·(G B)
+                       + 2 * N * r * d_out + r * d_out    # dB = s (Gᵀ H)
+                       + 2 * N * r * d_in                 # dA = (sGB)ᵀ X
+                       + 2 * N * r * d_in + N * d_in)     # (sGB) A, added to dX
+    adam = ADAM_FLOPS_PER_PARAM * r * (d_in + d_out)
+    expected = frozen + forward_branch + backward_branch + adam
+    assert expected == 104 + 106 + 98
+    assert lora_linear_step_flops(N, d_in, d_out, r) == expected
+
+
+def test_lora_skips_exactly_the_dW_gemm_and_adds_the_branch():
+    N, d, r = 64, 32, 4
+    full, lora = linear_step_flops(N, d, d), lora_linear_step_flops(N, d, d, r)
+    frozen = linear_step_flops(N, d, d, trainable=False)
+    # full − frozen = the dW GEMM, db and Adam on W, b
+    assert full - frozen == 2 * N * d * d + N * d + adam_flops(d * d + d)
+    # LoRA − frozen = the branch (6·N·r·(d_in+d_out) GEMM FLOPs + O(N·(r + d))) and Adam on A, B
+    assert lora - frozen == 6 * N * r * 2 * d + 2 * N * r + 2 * N * d + r * d + adam_flops(2 * r * d)
+
+
+def test_mlp_step_flops_by_hand():
+    N, d = 2, 4
+    per_linear = (64 + 8) + 64 + (64 + 8) + ADAM_FLOPS_PER_PARAM * 20
+    elementwise = (counting.GELU_FORWARD_FLOPS + counting.GELU_BACKWARD_FLOPS
+                   + counting.MSE_FLOPS) * N * d
+    assert mlp_step_flops(N, d) == 2 * per_linear + elementwise
+    assert mlp_step_flops(N, d, r=2) == 2 * lora_linear_step_flops(N, d, d, 2) + elementwise
+
+
+def test_mlp_flop_ratio_tends_to_two_thirds_plus_2r_over_d():
+    # at large N and d the GEMMs dominate: LoRA/full → (4 + 12 r/d) / 6 = 2/3 + 2r/d
+    N, d, r = 10**6, 8192, 8
+    ratio = mlp_step_flops(N, d, r) / mlp_step_flops(N, d)
+    assert ratio == pytest.approx(2 / 3 + 2 * r / d, rel=2e-3)
+
+
+def test_attention_step_flops_by_hand():
+    batch, T, d, H = 2, 3, 4, 2
+    N, S = batch * T, batch * H * T * T
+    core = (12 * batch * T * T * d
+            + (counting.SOFTMAX_FORWARD_FLOPS + counting.SOFTMAX_BACKWARD_FLOPS) * S + 2 * N * d)
+    rest = 2 * N * d + counting.MSE_FLOPS * N * d       # dX_q + dX_k + dX_v, loss
+    assert attention_step_flops(batch, T, d, H) == 4 * linear_step_flops(N, d, d) + core + rest
+    lora = (2 * lora_linear_step_flops(N, d, d, 1)              # q_proj, v_proj
+            + 2 * linear_step_flops(N, d, d, trainable=False))  # k_proj, o_proj frozen
+    assert attention_step_flops(batch, T, d, H, r=1) == lora + core + rest
+
+
+def test_attention_core_flops_do_not_depend_on_rank():
+    def projections(r):
+        return (2 * lora_linear_step_flops(512, 256, 256, r)
+                + 2 * linear_step_flops(512, 256, 256, trainable=False))
+    cores = {attention_step_flops(8, 64, 256, 4, r) - projections(r) for r in (1, 8, 64)}
+    assert len(cores) == 1
+
+
+def test_bench_lora_targets_are_layers_of_the_blocks():
+    from lora_np import MLP, MultiHeadAttention
+    blocks = {"mlp": MLP(8, 8, 8), "attention": MultiHeadAttention(8, 2)}
+    for name, block in blocks.items():
+        children = block.named_children()
+        assert len(children) == counting.BENCH_BLOCKS[name]
+        assert set(counting.BENCH_LORA_TARGETS[name]) <= set(children)
+
+
+@pytest.mark.parametrize("fn, args, exc", [
+    (linear_step_flops, (0, 3, 4), ValueError),
+    (lora_linear_step_flops, (2, 3, 4, 0), ValueError),
+    (mlp_step_flops, (2.0, 4), TypeError),
+    (attention_step_flops, (2, 3, 5, 2), ValueError),       # d not divisible by heads
+    (attention_step_flops, (2, 3, 4, True), TypeError),
+    (state_bytes_model, ("mlp", 0), ValueError),
+    (state_bytes_model, ("mlp", 4, 1.5), TypeError),
+])
+def test_step_cost_models_reject_bad_sizes(fn, args, exc):
+    with pytest.raises(exc):
+        fn(*args)
+
+
+def test_state_bytes_model_by_hand():
+    d, r = 16, 2
+    P = 2 * (d * d + d)                                   # MLP: two Linear layers
+    assert state_bytes_model("mlp", d, None, np.float32) == 4 * 4 * P
+    assert state_bytes_model("mlp", d, r, np.float64) == 8 * (P + 4 * 2 * (r * d + d * r))
+    with pytest.raises(ValueError, match="model must be one of"):
+        state_bytes_model("transformer", d)
