@@ -169,14 +169,15 @@ class FirstUpdateResult:
         return float(np.polyfit(np.log(self.ranks), np.log(self.mean(label)), 1)[0])
 
 
-def first_update_size(ranks=(1, 2, 4, 8, 16, 32, 64), alpha=8.0, d=64, n_examples=32, lr=1e-2,
-                      seed=0):
+def first_update_size(ranks=(1, 2, 4, 8, 16, 32, 64), alpha=8.0, d=64, n_examples=32, seed=0):
     """One SGD step from B = 0, measured per example, for each rank and both scalings.
 
     With B = 0 the gradient of A is zero, so the step moves only B:
     ``B₁ = −η s g (A x)ᵀ`` and the output on the same x moves by ``Δy = s B₁ A x = −η s² ‖A x‖² g``.
-    ``‖A x‖²`` is a sum of r terms of fixed size, so ``‖Δy‖ / (η ‖g‖) = s² ‖Ax‖² = Θ(s² r)``.
+    ``‖A x‖²`` is a sum of r terms of fixed size, so ``‖Δy‖ / (η ‖g‖) = s² ‖Ax‖² = Θ(s² r)``
+    (η cancels, up to rounding, so it is fixed here).
     """
+    lr = 1e-2                                                # η
     rng = np.random.default_rng(seed)
     base = Linear(d, d, rng=rng)
     X = rng.standard_normal((n_examples, d))
