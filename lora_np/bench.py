@@ -457,8 +457,9 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 
 def _progress_bar(groups):
-    """A tqdm bar on stderr whose units are the FLOP model's FLOPs of the steps: big widths,
-    which take most of the time, move it most, so its ETA is an honest one."""
+    """A tqdm bar on stderr that advances by the FLOP model's FLOPs of each measured group:
+    the wide groups, which take most of the time, move it most, and the ETA is the FLOPs left
+    at the average rate so far (``smoothing=0``)."""
     total = sum(c.flops() for group in groups for c in group)
     return tqdm(total=total, file=sys.stderr, smoothing=0, desc="bench",
                 bar_format="{desc}: {percentage:3.0f}%|{bar:20}| [{elapsed}<{remaining}]{postfix}")

@@ -116,7 +116,7 @@ def malloc_env() -> str:
     return ", ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ)
 
 
-def keep_freed_memory(limit: int = KEEP_LIMIT) -> str:
+def keep_freed_memory() -> str:
     """Ask glibc's allocator to keep freed memory in this process; return what was done.
 
     By default glibc gives every large array (above its mmap threshold: 128 KiB at start,
@@ -125,7 +125,7 @@ def keep_freed_memory(limit: int = KEEP_LIMIT) -> str:
     same sizes again and the kernel hands the pages back one page fault at a time. A training
     loop does not want that: PyTorch keeps freed GPU memory in its caching allocator, and
     Intel's CPU tuning guide recommends jemalloc/tcmalloc for the same reason.
-    ``mallopt(M_TRIM_THRESHOLD)`` and ``mallopt(M_MMAP_THRESHOLD)`` with ``limit`` make glibc
+    ``mallopt(M_TRIM_THRESHOLD)`` and ``mallopt(M_MMAP_THRESHOLD)`` at ``KEEP_LIMIT`` make glibc
     reuse freed memory instead, for this process only. ``MALLOC_*`` variables already set in
     the environment are left to rule.
     """
@@ -133,12 +133,12 @@ def keep_freed_memory(limit: int = KEEP_LIMIT) -> str:
         return malloc_env() + " (from the environment)"
     try:
         libc = ctypes.CDLL(None)
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, limit) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, limit) == 1
+        ok = all(libc.mallopt(param, KEEP_LIMIT) == 1 for param in (_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD))
     except (OSError, AttributeError, TypeError):       # not glibc (macOS, musl, Windows)
         ok = False
     if not ok:
         return "defaults (mallopt not available on this C library)"
-    return f"keeps freed memory (mallopt trim and mmap thresholds {limit >> 20} MiB)"
+    return f"keeps freed memory (mallopt trim and mmap thresholds {KEEP_LIMIT >> 20} MiB)"
 
 
 def allocator_setting(mode: str) -> str:

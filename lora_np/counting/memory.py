@@ -56,14 +56,13 @@ def checkpoint_bytes(n_params, bytes_per_param: int = 2) -> int:
                                                           minimum=1)
 
 
-def adapter_checkpoint_bytes(config, targets: Iterable[str], r: int,
-                             bytes_per_param: int = 2) -> int:
-    """Bytes of a saved LoRA adapter: ``checkpoint_bytes(lora_param_count(config, targets, r))``
-    (targets such as ``("q_proj", "v_proj")``, see ``lora_param_count``).
+def adapter_checkpoint_bytes(config, targets: Iterable[str], r: int) -> int:
+    """Bytes of a saved fp16 LoRA adapter: ``checkpoint_bytes(lora_param_count(config, targets,
+    r))``, targets such as ``("q_proj", "v_proj")`` (see ``lora_param_count``).
 
     Only ``A`` and ``B`` are saved; the frozen base model is shared by every task.
     """
-    return checkpoint_bytes(lora_param_count(config, targets, r), bytes_per_param)
+    return checkpoint_bytes(lora_param_count(config, targets, r))
 
 
 #: copies of each trainable parameter held during training, counting the parameter itself:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
-from ..validate import check_bool, check_int
+from ..validate import check_int
 
 __all__ = ["lora_params", "full_params", "ModelConfig", "MODEL_CONFIGS", "ATTENTION_TARGETS",
            "MLP_TARGETS", "GATED_MLP_TARGETS", "block_targets", "target_shape",
@@ -49,14 +49,12 @@ def lora_params(d_in: int, d_out: int, r: int) -> int:
     return r * (d_in + d_out)
 
 
-def full_params(d_in: int, d_out: int, bias: bool = False) -> int:
-    """Number of parameters of a dense (d_out, d_in) weight, plus ``d_out`` if ``bias``.
+def full_params(d_in: int, d_out: int) -> int:
+    """Number of entries of a dense (d_out, d_in) weight, what full fine-tuning trains of it.
 
-    .. math:: |W| + |b| = d_{out} d_{in} + [\\text{bias}]\\, d_{out}
+    .. math:: |W| = d_{out}\\, d_{in}
     """
-    d_in = check_int("d_in", d_in, minimum=1)
-    d_out = check_int("d_out", d_out, minimum=1)
-    return d_in * d_out + (d_out if check_bool("bias", bias) else 0)
+    return check_int("d_in", d_in, minimum=1) * check_int("d_out", d_out, minimum=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,10 +70,10 @@ class ModelConfig:
     name : str
     d_model : int
         Residual width; every attention projection (``q_proj`` … ``o_proj``) is (d_model, d_model).
-    n_layers, n_heads : int
+    n_layers : int
+        Transformer blocks; each has the matrices ``block_targets`` names.
     d_ff : int
         MLP hidden width: ``fc1`` is (d_ff, d_model), ``fc2`` is (d_model, d_ff).
-    vocab_size : int
     n_params : float
         Total parameter count as the source reports it (a rounded, published number).
     gated_mlp : bool
@@ -85,27 +83,24 @@ class ModelConfig:
     name: str
     d_model: int
     n_layers: int
-    n_heads: int
     d_ff: int
-    vocab_size: int
     n_params: float
     gated_mlp: bool = False
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {c.name: c for c in [
-    # Brown et al. 2020, Table 2.1 ("GPT-3 175B": n_layers 96, d_model 12288, n_heads 96,
-    # d_ff = 4 d_model); vocabulary = GPT-2's BPE, 50257. Used by Hu et al. 2021 Tables 4-7.
-    ModelConfig("gpt3-175b", 12288, 96, 96, 49152, 50257, 175e9),
-    # Liu et al. 2019 (RoBERTa reuses BERT-base/large shapes; vocab 50265 BPE; 125M / 355M).
-    # Used by Hu et al. 2021 Table 2.
-    ModelConfig("roberta-base", 768, 12, 12, 3072, 50265, 125e6),
-    ModelConfig("roberta-large", 1024, 24, 16, 4096, 50265, 355e6),
+    # Brown et al. 2020, Table 2.1 ("GPT-3 175B": n_layers 96, d_model 12288, d_ff = 4 d_model).
+    # Used by Hu et al. 2021 Tables 4-7.
+    ModelConfig("gpt3-175b", d_model=12288, n_layers=96, d_ff=49152, n_params=175e9),
+    # Liu et al. 2019 (RoBERTa reuses BERT-base/large shapes; 125M / 355M). Hu et al. 2021 Table 2.
+    ModelConfig("roberta-base", d_model=768, n_layers=12, d_ff=3072, n_params=125e6),
+    ModelConfig("roberta-large", d_model=1024, n_layers=24, d_ff=4096, n_params=355e6),
     # Radford et al. 2019, Table 2 (GPT-2 medium / large; the paper lists 345M / 762M, the
     # released checkpoints hold 355M / 774M, which we use). Used by Hu et al. 2021 Table 3.
-    ModelConfig("gpt2-medium", 1024, 24, 16, 4096, 50257, 355e6),
-    ModelConfig("gpt2-large", 1280, 36, 20, 5120, 50257, 774e6),
+    ModelConfig("gpt2-medium", d_model=1024, n_layers=24, d_ff=4096, n_params=355e6),
+    ModelConfig("gpt2-large", d_model=1280, n_layers=36, d_ff=5120, n_params=774e6),
     # Touvron et al. 2023 (Llama 2 7B; SwiGLU MLP width 11008; "7B" nominal).
-    ModelConfig("llama2-7b", 4096, 32, 32, 11008, 32000, 7e9, gated_mlp=True),
+    ModelConfig("llama2-7b", d_model=4096, n_layers=32, d_ff=11008, n_params=7e9, gated_mlp=True),
 ]}
 
 #: the adaptable matrices of a Transformer block, by the names lora_np's modules give them
