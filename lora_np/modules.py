@@ -76,8 +76,9 @@ class _Pass:
 
 def _forward_entry(forward):
     """Wrap a subclass's ``forward``: open a pass if none is open (this is the outermost
-    forward), refuse a second recording use of a module within one pass, and drop this
-    module's cache if the call fails after caches were kept (they would not fit together)."""
+    forward), refuse a second recording use of a module within one pass, make a recording
+    forward pending even if it had nothing of its own to ``_store``, and drop this module's
+    cache if the call fails after caches were kept (they would not fit together)."""
     @functools.wraps(forward)
     def entry(self, *args, **kwargs):
         if self.__dict__["_in_forward"]:    # a subclass's forward calling super().forward
@@ -100,6 +101,8 @@ def _forward_entry(forward):
                 object.__setattr__(self, "_in_forward", False)
             if not records:
                 object.__setattr__(self, "_skipped", "inside no_grad()" if self.training else "in eval mode")
+            elif self.__dict__["_pass"] is not current:      # nothing stored: pending all the same
+                self._store(True, np.shape(out))
             return out
         finally:
             if token is not None:
@@ -109,11 +112,14 @@ def _forward_entry(forward):
 
 
 def _backward_entry(backward):
-    """Wrap a subclass's ``backward``: after it returns, its forward is consumed."""
+    """Wrap a subclass's ``backward``: refuse it without a pending forward (saying why there is
+    none); after it returns, that forward is consumed."""
     @functools.wraps(backward)
     def entry(self, dout):
         if self.__dict__["_in_backward"]:   # a subclass's backward calling super().backward
             return backward(self, dout)
+        if self.__dict__["_cache"] is None:
+            raise ValueError(self._no_forward_message())
         object.__setattr__(self, "_in_backward", True)
         try:
             dx = backward(self, dout)
@@ -153,9 +159,10 @@ class Module:
 
     Subclasses write ``forward`` and ``backward`` as plain methods; ``Module`` wraps them
     (``__init_subclass__``) to apply the rule, so ``m.forward(x)`` and ``m(x)`` behave the
-    same. Inside, ``forward`` calls ``self._store(cache, y.shape)`` and ``backward`` starts
-    with ``cache, dout = self._check_backward(dout)``; ``self._release()`` frees the cache
-    early (the wrapper releases it in any case when backward returns).
+    same. Inside, ``forward`` calls ``self._store(cache, y.shape)`` (a module with nothing of
+    its own to keep need not) and ``backward`` starts with
+    ``cache, dout = self._check_backward(dout)``; ``self._release()`` frees the cache early
+    (the wrapper releases it in any case when backward returns).
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -304,11 +311,9 @@ class Module:
         object.__setattr__(self, "_skipped", None)
 
     def _check_backward(self, dout):
-        """The pending cache and ``dout`` in this module's dtype, after checking that backward
-        may run: there is a pending forward, and ``dout`` has its output's shape."""
+        """The pending cache and ``dout`` in this module's dtype, after checking that ``dout``
+        has the output's shape (that there is a pending forward, the wrapper has checked)."""
         state = self.__dict__["_cache"]
-        if state is None:
-            raise ValueError(self._no_forward_message())
         out_shape = self.__dict__["_out_shape"]
         # in this module's dtype, as forward does with x: a float64 dout must not turn a float32
         # model's dx and intermediate gradients into float64
@@ -584,9 +589,7 @@ class TransformerBlock(Module):
                              f"got shape {x.shape}")
         x = self._check_input(x, self.d_model)
         h = x + self.attn(self.ln1(x))
-        y = h + self.mlp(self.ln2(h))
-        self._store(True, y.shape)               # nothing of its own to keep: a marker
-        return y
+        return h + self.mlp(self.ln2(h))          # nothing of its own to _store
 
     def backward(self, dout):
         _, dout = self._check_backward(dout)

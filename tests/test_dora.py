@@ -108,6 +108,35 @@ def test_gradients_with_dropout_mask():
                           lambda: F.dora_linear_forward(**p, dropout_mask=mask)[0], p[name], dout=dy)
 
 
+@pytest.mark.parametrize("detach", [False, True], ids=["exact", "detached"])
+def test_base_gradients_when_asked_for(detach):
+    """After unfreeze(): dW = dL/dV = G̃ᵀ X + K (K, the norm term, only for the exact gradient;
+    the detached one is the gradient of the frozen-norm function), db = Σ G."""
+    p, dy = _point(seed=3)
+    y, cache = F.dora_linear_forward(**p, detach_norm=detach)
+    four = F.dora_linear_backward(dy, cache)
+    dx, dA, dB, dm, dW, db = F.dora_linear_backward(dy, cache, need_dW=True, need_db=True)
+    for got, want in zip((dx, dA, dB, dm), four):
+        np.testing.assert_array_equal(got, want)
+    if detach:
+        _, n_fixed = F.dora_weight_norm(p["W"].copy(), p["A"], p["B"], p["scale"])
+        f = lambda: _frozen_norm_forward(**p, n_fixed=n_fixed)  # noqa: E731
+    else:
+        f = lambda: F.dora_linear_forward(**p)[0]  # noqa: E731
+    assert_grad_close("dW", dW, f, p["W"], dy)
+    assert_grad_close("db", db, f, p["b"], dy)
+    assert F.dora_linear_backward(dy, cache, need_dW=True)[5] is None
+
+
+def test_dora_weight_is_the_applied_weight():
+    p, _ = _point(seed=4)
+    W_prime, n = F.dora_weight(p["W"], p["A"], p["B"], p["m"], p["scale"])
+    np.testing.assert_allclose(np.linalg.norm(W_prime, axis=1), p["m"], rtol=1e-14)
+    np.testing.assert_array_equal(n, F.dora_weight_norm(p["W"], p["A"], p["B"], p["scale"])[1])
+    y, _ = F.dora_linear_forward(**p)
+    np.testing.assert_allclose(y, p["x"] @ W_prime.T + p["b"], rtol=0, atol=1e-13)
+
+
 def test_exact_and_detached_same_output_and_dm_different_dA_dB():
     """Pins down which variant is which: identical forward, dx and dm; different dA, dB."""
     p, dy = _point(seed=3)

@@ -145,6 +145,52 @@ def test_cross_entropy_gradient(rng, shape):
     assert_grad_close("dlogits", dlogits, lambda: F.cross_entropy_loss(logits, labels)[0], logits)
 
 
+# --- the base weight's gradients when asked for (a frozen W skips them) ------------------------
+
+
+@pytest.mark.parametrize("need_dW, need_db", [(False, False), (False, True), (True, False)])
+def test_linear_backward_skips_what_is_not_needed(rng, need_dW, need_db):
+    x, W, b = rng.standard_normal((2, 3, 6)), rng.standard_normal((5, 6)), rng.standard_normal(5)
+    y, cache = F.linear_forward(x, W, b)
+    G = _dout(y)
+    dx_all, dW_all, db_all = F.linear_backward(G, cache)
+    if not need_dW:
+        cache = cache._replace(x=None)                 # a frozen layer keeps no input
+    dx, dW, db = F.linear_backward(G, cache, need_dW=need_dW, need_db=need_db)
+    np.testing.assert_array_equal(dx, dx_all)
+    assert (dW is None) == (not need_dW) and (db is None) == (not need_db)
+    if need_dW:
+        np.testing.assert_array_equal(dW, dW_all)
+    if need_db:
+        np.testing.assert_array_equal(db, db_all)
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "dropoutmask"])
+def test_lora_linear_backward_gives_dW_and_db_when_asked(rng, with_mask):
+    """After unfreeze() the base W, b train too: dW = Gᵀ X (the whole X, not X ⊙ mask), db = Σ G."""
+    x, W, b = rng.standard_normal((2, 3, 6)), rng.standard_normal((5, 6)), rng.standard_normal(5)
+    A, B, s = rng.standard_normal((2, 6)), rng.standard_normal((5, 2)), 2.5
+    mask = (rng.random(x.shape) < 0.75) / 0.75 if with_mask else None
+    y, cache = F.lora_linear_forward(x, W, b, A, B, s, mask)
+    dout = _dout(y)
+    three = F.lora_linear_backward(dout, cache)
+    assert len(three) == 3                                  # the contract: (dx, dA, dB)
+    dx, dA, dB, dW, db = F.lora_linear_backward(dout, cache, need_dW=True, need_db=True)
+    for got, want in zip((dx, dA, dB), three):
+        np.testing.assert_array_equal(got, want)
+    f = lambda: F.lora_linear_forward(x, W, b, A, B, s, mask)[0]  # noqa: E731
+    assert_grad_close("dW", dW, f, W, dout)
+    assert_grad_close("db", db, f, b, dout)
+    assert F.lora_linear_backward(dout, cache, need_db=True)[3] is None
+
+
+def test_lora_delta_weight_is_s_B_A_and_keeps_the_dtype(rng):
+    A, B = rng.standard_normal((2, 6)), rng.standard_normal((5, 2))
+    np.testing.assert_allclose(F.lora_delta_weight(A, B, 1.5), 1.5 * B @ A, rtol=1e-15)
+    A32, B32 = A.astype(np.float32), B.astype(np.float32)
+    assert F.lora_delta_weight(A32, B32, 1.5).dtype == np.float32   # s cast first: no promotion
+
+
 # ---------------------------------------------------------------------------------------------
 # known answers: the plain formulas
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 must be non-degenerate, exact equality at init, merge/unmerge, frozen weights under training,
 parameter counts, dropout, float32, adapter files, and bad input (one test per case)."""
 
+import gc
 import json
 import os
+import pickle
+import warnings
 import zipfile
 
 import numpy as np
@@ -735,6 +738,82 @@ def test_loading_an_object_array_never_unpickles(tmp_path):
     snap.assert_unchanged()
 
 
+def _write_not_an_adapter(tmp_path, kind):
+    """A file that is not an adapter: what a user might pass to load_adapter by mistake."""
+    path = tmp_path / f"file.{kind}"
+    if kind in ("npy", "object-npy"):
+        arr = np.ones(3) if kind == "npy" else np.array([_Boom(str(tmp_path / "UNPICKLED"))], dtype=object)
+        with open(path, "wb") as fh:                            # np.save(path) would append ".npy"
+            np.save(fh, arr, allow_pickle=True)
+    elif kind == "txt":
+        path.write_text("r = 2, alpha = 4\n")
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps(_Boom(str(tmp_path / "UNPICKLED"))))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "zip-magic":                                  # starts like a zip, is not one
+        path.write_bytes(b"PK\x03\x04" + bytes(200))
+    return path
+
+
+NOT_ADAPTERS = {
+    "npy": r"it is a \.npy file \(one array\)",
+    "object-npy": r"it is a \.npy file",
+    "txt": "it is not a zip archive",
+    "pickle": "it is not a zip archive",
+    "empty": "it is not a zip archive",
+    "zip-magic": "it is not a zip archive",
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_ADAPTERS))
+def test_loading_a_file_that_is_not_an_adapter_says_so_without_pickle_advice(tmp_path, kind):
+    path = _write_not_an_adapter(tmp_path, kind)
+    model, snap = _target_model()
+    with pytest.raises(ValueError, match=rf"load_adapter: .*file\.{kind} is not a lora_np adapter "
+                                         rf"\(\.npz\): {NOT_ADAPTERS[kind]}") as info:
+        load_adapter(model, path)
+    assert "allow_pickle" not in str(info.value) and "pickle.load" not in str(info.value)
+    assert not os.path.exists(tmp_path / "UNPICKLED")
+    snap.assert_unchanged()
+
+
+def _resource_warnings(fn, path):
+    """Run ``fn`` (which raises) and collect the ResourceWarnings about ``path`` it leaves: a
+    file left open warns when it is garbage-collected, after the exception (and its traceback,
+    which holds the file) is gone."""
+    gc.collect()                                       # earlier tests' garbage: not counted
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fn()
+        except Exception:
+            pass
+        gc.collect()
+    return [str(w.message) for w in caught
+            if issubclass(w.category, ResourceWarning) and str(path) in str(w.message)]
+
+
+def test_the_resource_warning_check_sees_an_unclosed_file(tmp_path):
+    """The check below can fail: np.load(path) on a damaged zip leaves the file open."""
+    path = _write_not_an_adapter(tmp_path, "zip-magic")
+    assert any("unclosed file" in w for w in _resource_warnings(lambda: np.load(path, allow_pickle=False), path))
+
+
+@pytest.mark.parametrize("kind", ["zip-magic", "truncated", "npy", "txt", "object-npz"])
+def test_loading_a_bad_file_closes_it(tmp_path, kind):
+    if kind == "truncated":
+        path = _saved(tmp_path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "object-npz":
+        path = tmp_path / "objects.npz"
+        np.savez(path, a=np.array([{"a": 1}], dtype=object))
+    else:
+        path = _write_not_an_adapter(tmp_path, kind)
+    model, _ = _target_model()
+    assert _resource_warnings(lambda: load_adapter(model, path), path) == []
+
+
 def test_loading_a_file_without_config_raises(tmp_path):
     path = tmp_path / "plain.npz"
     np.savez(path, **{"attn.q_proj.A": np.zeros((2, 8))})
@@ -766,3 +845,25 @@ def test_unfrozen_lora_model_trains_everything_gradcheck(rng, name):
     expect = set(model.parameters()) | {"x"}           # (the key bias is checked to be 0)
     assert {"fc1.W", "fc1.A"} <= expect or {"mlp.fc1.W", "mlp.fc1.A"} <= expect
     assert_module_grads(model, x, expect=expect)
+
+
+def test_lora_with_dropout_and_only_the_bias_trainable_gets_db(rng):
+    """W frozen, b trainable, dropout on: the forward keeps X̃ but not X (W needs no dW); the
+    bias gradient Σ G must still come (it used to fail on the missing X)."""
+    layer = randomize(LoRALinear(Linear(6, 5, rng=rng), r=2, alpha=3.0, dropout=0.5, rng=rng), rng)
+    layer.unfreeze()
+    layer.freeze(["W"])
+    x, dy = rng.standard_normal((2, 3, 6)), rng.standard_normal((2, 3, 5))
+    layer(x)
+    layer.zero_grad()
+    layer.backward(dy)
+    assert sorted(layer.gradients()) == ["A", "B", "b"]
+    np.testing.assert_allclose(layer.gradients()["b"], dy.sum(axis=(0, 1)), rtol=1e-14)
+
+
+def test_merge_lora_names_the_layer_that_cannot_be_merged(rng):
+    mlp = add_lora(MLP(4, 5, 3, rng=rng), ["fc1", "fc2"], r=2, alpha=1000.0, rng=rng)
+    mlp.fc2.B[...] = 1e308
+    with pytest.raises(ValueError, match=r"merge_lora: layer 'fc2' cannot be merged, model left "
+                                         r"unchanged: LoRALinear.merge: expected W \+ ΔW to be finite"):
+        merge_lora(mlp)

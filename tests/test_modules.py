@@ -1,12 +1,15 @@
 """Tests for lora_np.modules (full fine-tuning): gradient checks of every module, the attention
 key bias's structural zero gradient, causality, the parameter/gradient API, float32 end to end,
-and bad input (one test per case; the object is left unchanged)."""
+bad input (one test per case; the object is left unchanged) and the forward/backward rule
+(pending cache, eval / no_grad forwards, consumed forwards, a module used twice)."""
 
 import numpy as np
 import pytest
 from conftest import Snapshot, assert_module_grads, randomize
 
-from lora_np import SGD, Adam, LayerNorm, Linear, MLP, MultiHeadAttention, TransformerBlock
+from lora_np import (SGD, Adam, DoRALinear, LayerNorm, Linear, LoRALinear, MLP, Module,
+                     MultiHeadAttention, TransformerBlock, add_lora, no_grad)
+from lora_np import functional as F
 
 # ---------------------------------------------------------------------------------------------
 # gradient checks, full fine-tuning (every parameter trainable)
@@ -291,18 +294,6 @@ def test_backward_before_forward_raises(name):
 
 
 @pytest.mark.parametrize("name", list(MODELS_3D))
-def test_second_backward_without_forward_raises(name):
-    model = MODELS_3D[name]()
-    y = model(np.ones((2, 3, 8)))
-    model.backward(np.ones_like(y))
-    snap = Snapshot(model)
-    with pytest.raises(ValueError, match=f"{type(model).__name__}.backward: the forward it would "
-                                         "differentiate was already consumed by an earlier backward"):
-        model.backward(np.ones_like(y))
-    snap.assert_unchanged()
-
-
-@pytest.mark.parametrize("name", list(MODELS_3D))
 def test_upstream_gradient_of_wrong_shape_raises(name):
     model = MODELS_3D[name]()
     y = model(np.ones((2, 3, 8)))
@@ -345,3 +336,301 @@ def test_bad_dtype_raises():
 def test_bad_rng_raises():
     with pytest.raises(TypeError, match="Generator, an int seed or None, got str"):
         Linear(3, 2, rng="seed")
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward/backward rule (Module's docstring): one pending cache per module, a training
+# forward replaces it, backward consumes it; eval / no_grad forwards keep nothing and leave it
+# alone; a module used twice in one forward is refused
+# ---------------------------------------------------------------------------------------------
+
+def _lora_block():
+    return randomize(add_lora(TransformerBlock(8, 2, 12, rng=0), ["q_proj", "fc1"], r=2, alpha=3.0, rng=1),
+                     np.random.default_rng(2))
+
+
+def _dora_mlp():
+    return randomize(add_lora(MLP(8, 12, 6, rng=0), ["fc1", "fc2"], r=2, alpha=3.0, use_dora=True, rng=1),
+                     np.random.default_rng(2))
+
+
+RULE_MODELS = {
+    **MODELS_3D,
+    "LoRALinear": lambda: randomize(LoRALinear(Linear(8, 6, rng=0), r=2, alpha=3.0, rng=1),
+                                    np.random.default_rng(2)),
+    "DoRALinear": lambda: randomize(DoRALinear(Linear(8, 6, rng=0), r=2, alpha=3.0, rng=1),
+                                    np.random.default_rng(2)),
+    "LoRA-Block": _lora_block,
+    "DoRA-MLP": _dora_mlp,
+}
+
+
+def _grads_of(model, x, dy):
+    """dx and every gradient of one plain forward(x) + backward(dy)."""
+    model.zero_grad()
+    model(x)
+    dx = model.backward(dy)
+    return dx, {n: g.copy() for n, g in model.gradients().items()}
+
+
+def _assert_same_grads(got, want):
+    np.testing.assert_array_equal(got[0], want[0])
+    assert sorted(got[1]) == sorted(want[1])
+    for n in want[1]:
+        np.testing.assert_array_equal(got[1][n], want[1][n], err_msg=n)
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((2, 3, 8)), rng.standard_normal((2, 3, 8))
+
+
+@pytest.mark.parametrize("name", list(RULE_MODELS))
+@pytest.mark.parametrize("how", ["eval", "no_grad"])
+def test_a_validation_forward_does_not_change_what_backward_differentiates(name, how):
+    """The reproducer: ``m(x_tr); m.eval(); m(x_val); m.train(); m.backward(dY)`` used to
+    return x_val's gradients (the shapes agree); it must return x_tr's."""
+    model = RULE_MODELS[name]()
+    x_tr, x_val = _data()
+    dy = np.random.default_rng(1).standard_normal(model(x_tr).shape)
+    want = _grads_of(model, x_tr, dy)
+    model.zero_grad()
+    model(x_tr)
+    if how == "eval":
+        model.eval()
+        model(x_val)
+        model.train()
+    else:
+        with no_grad():
+            model(x_val)
+    got = model.backward(dy), {n: g.copy() for n, g in model.gradients().items()}
+    _assert_same_grads(got, want)
+
+
+@pytest.mark.parametrize("name", list(RULE_MODELS))
+def test_eval_and_no_grad_forwards_keep_no_cache(name):
+    model = RULE_MODELS[name]()
+    x, _ = _data()
+    model.eval()
+    y_eval = model(x)
+    model.train()
+    with no_grad():
+        y_nograd = model(x)
+    assert all(m.__dict__["_cache"] is None for _, m in model.named_modules())
+    np.testing.assert_array_equal(y_eval, y_nograd)       # no dropout here: the same function
+    np.testing.assert_array_equal(y_eval, model(x))       # ... as a training forward
+
+
+@pytest.mark.parametrize("name", list(RULE_MODELS))
+def test_backward_after_only_eval_forwards_says_so(name):
+    model = RULE_MODELS[name]().eval()
+    x, _ = _data()
+    y = model(x)
+    model.train()
+    snap = Snapshot(model)
+    with pytest.raises(ValueError, match=r"backward called after only forwards in eval mode, which keep "
+                                         r"no cache for backward; run forward\(x\) first, in training mode"):
+        model.backward(np.ones_like(y))
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("name", list(RULE_MODELS))
+def test_backward_after_only_no_grad_forwards_says_so(name):
+    model = RULE_MODELS[name]()
+    x, _ = _data()
+    with no_grad():
+        y = model(x)
+    with pytest.raises(ValueError, match=r"backward called after only forwards inside no_grad\(\)"):
+        model.backward(np.ones_like(y))
+
+
+@pytest.mark.parametrize("name", list(RULE_MODELS))
+def test_second_backward_says_the_forward_was_consumed(name):
+    model = RULE_MODELS[name]()
+    x, _ = _data()
+    y = model(x)
+    model.backward(np.ones_like(y))
+    snap = Snapshot(model)
+    with pytest.raises(ValueError, match=r"already consumed by an earlier backward; run forward\(x\) "
+                                         r"first, in training mode \(each backward consumes one forward\)$"):
+        model.backward(np.ones_like(y))
+    snap.assert_unchanged()
+    model.eval()
+    model(x)                                              # an eval forward since: said too
+    with pytest.raises(ValueError, match=r"already consumed.*The forwards since then ran in eval mode"):
+        model.backward(np.ones_like(y))
+
+
+@pytest.mark.parametrize("name", list(RULE_MODELS))
+def test_a_new_training_forward_replaces_the_pending_one(name):
+    model = RULE_MODELS[name]()
+    x1, x2 = _data()
+    dy = np.random.default_rng(1).standard_normal(model(x2).shape)
+    want = _grads_of(model, x2, dy)
+    model.zero_grad()
+    model(x1)
+    model(x2)
+    _assert_same_grads((model.backward(dy), {n: g.copy() for n, g in model.gradients().items()}), want)
+
+
+@pytest.mark.parametrize("name", list(RULE_MODELS))
+def test_many_direct_forward_calls_then_a_step_work(name):
+    """What the finite-difference checker does: forward(x) (the method, not __call__) many
+    times in training mode and nothing else; then an ordinary forward + backward."""
+    model = RULE_MODELS[name]()
+    x, _ = _data()
+    for _ in range(5):
+        model.forward(x)
+    dy = np.ones_like(model.forward(x))
+    assert model.backward(dy).shape == x.shape
+
+
+def test_no_grad_restores_recording_on_exit_and_on_error_and_nests():
+    lin = Linear(8, 6, rng=0)
+    x = np.ones((2, 8))
+    with no_grad():
+        with no_grad():
+            lin(x)
+        lin(x)
+    assert lin.__dict__["_cache"] is None
+    with pytest.raises(ZeroDivisionError):
+        with no_grad():
+            1 / 0
+    lin(x)
+    assert lin.__dict__["_cache"] is not None                # recording again
+
+
+def test_no_grad_works_as_a_decorator():
+    lin = Linear(8, 6, rng=0)
+
+    @no_grad()
+    def predict(x):
+        return lin(x)
+    predict(np.ones((2, 8)))
+    assert lin.__dict__["_cache"] is None
+
+
+def test_no_grad_keeps_dropout_on_in_training_mode():
+    """no_grad only stops caching; eval() is what switches dropout off."""
+    layer = randomize(LoRALinear(Linear(8, 6, rng=0), r=2, alpha=3.0, dropout=0.5, rng=1),
+                      np.random.default_rng(2))
+    x = np.ones((4, 8))
+    with no_grad():
+        assert not np.array_equal(layer(x), layer(x))
+    layer.eval()
+    np.testing.assert_array_equal(layer(x), layer(x))
+
+
+# --- a module used twice in one forward -------------------------------------------------------
+
+class _AppliesTwice(Module):
+    """A parent whose forward applies the same layer twice: y = fc1(fc1(x))."""
+
+    def __init__(self, direct=False):
+        super().__init__()
+        self.fc1 = Linear(8, 8, rng=0)
+        self.direct = direct
+
+    def forward(self, x):
+        if self.direct:                                   # the method, not __call__
+            return self.fc1.forward(self.fc1.forward(x))
+        return self.fc1(self.fc1(x))
+
+    def backward(self, dout):
+        return self.fc1.backward(self.fc1.backward(dout))
+
+
+class _SharedChild(Module):
+    """One Linear object registered as two children, a and b: y = b(a(x))."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.a = shared
+        self.b = shared
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+    def backward(self, dout):
+        return self.a.backward(self.b.backward(dout))
+
+
+TWICE = {
+    "applied-twice": lambda: _AppliesTwice(),
+    "applied-twice-via-forward": lambda: _AppliesTwice(direct=True),
+    "shared-Linear": lambda: _SharedChild(Linear(8, 8, rng=0)),
+    "shared-LoRALinear": lambda: _SharedChild(randomize(LoRALinear(Linear(8, 8, rng=0), r=2, alpha=3.0, rng=1),
+                                                        np.random.default_rng(2))),
+    "shared-DoRALinear": lambda: _SharedChild(randomize(DoRALinear(Linear(8, 8, rng=0), r=2, alpha=3.0, rng=1),
+                                                        np.random.default_rng(2))),
+    "shared-MLP": lambda: _SharedChild(MLP(8, 12, 8, rng=0)),
+    "shared-MHA": lambda: _SharedChild(MultiHeadAttention(8, 2, rng=0)),
+    "shared-Block": lambda: _SharedChild(TransformerBlock(8, 2, 12, rng=0)),
+}
+
+
+@pytest.mark.parametrize("name", list(TWICE))
+@pytest.mark.parametrize("call", ["call", "forward"])
+def test_a_module_used_twice_in_one_forward_is_refused(name, call):
+    model = TWICE[name]()
+    x, _ = _data()
+    run = model if call == "call" else model.forward
+    with pytest.raises(ValueError, match=r"is used twice in one forward pass.*would make backward "
+                                         r"return a wrong gradient"):
+        run(x)
+    # and nothing half-done can be differentiated afterwards
+    with pytest.raises(ValueError, match="raised an error part-way|before forward"):
+        model.backward(np.ones((2, 3, 8)))
+
+
+@pytest.mark.parametrize("name", list(TWICE))
+def test_a_module_used_twice_is_fine_without_caching(name):
+    model = TWICE[name]()
+    x, _ = _data()
+    with no_grad():
+        y = model(x)
+    model.eval()
+    np.testing.assert_array_equal(model(x), y)
+
+
+def test_a_module_used_in_two_separate_forwards_is_fine():
+    """Two top-level calls are two forwards: the second replaces the first (no refusal)."""
+    lin = Linear(8, 8, rng=0)
+    x, _ = _data()
+    lin(lin(x))                    # two calls from outside any forward: two passes
+    lin.backward(np.ones((2, 3, 8)))
+
+
+def test_a_forward_that_fails_part_way_leaves_nothing_to_differentiate(monkeypatch):
+    """MLP: fc1 has cached, then the activation raises. A backward must not combine the MLP's
+    old cache with fc1's new one (that used to give a silent wrong gradient)."""
+    mlp = MLP(8, 12, 6, rng=0)
+    x, _ = _data()
+    y = mlp(x)                                            # a complete, pending forward
+
+    def broken(h):
+        raise FloatingPointError("boom")
+    monkeypatch.setitem(F.ACTIVATIONS, "gelu", (broken, F.gelu_backward))
+    with pytest.raises(FloatingPointError):
+        mlp(2 * x)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"MLP.backward: the last training-mode forward raised an "
+                                         r"error part-way, so its caches do not fit together"):
+        mlp.backward(np.ones_like(y))
+    mlp(x)
+    mlp.backward(np.ones_like(y))                         # a new forward starts afresh
+
+
+def test_unfreezing_between_forward_and_backward_is_refused():
+    """A forward with W frozen keeps no input; dW cannot be formed if W is trainable at backward."""
+    lin = Linear(8, 6, rng=0).freeze()
+    x, _ = _data()
+    y = lin(x)
+    lin.unfreeze()
+    with pytest.raises(ValueError, match=r"W was frozen during forward .* run forward\(x\) again"):
+        lin.backward(np.ones_like(y))
+
+
+def test_train_mode_must_be_a_bool():
+    with pytest.raises(TypeError, match="mode must be True or False, got 'eval'"):
+        Linear(3, 2).train("eval")
