@@ -1,0 +1,265 @@
+"""Figures of a rank sweep (``lora_np.experiments``): full fine-tuning against LoRA at every
+rank, on one task whose true change ΔW* has rank k. ``python -m lora_np`` calls
+``save_figures``; notebooks 04–06 draw the same figures one at a time.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.figure import Figure
+
+from ..analysis import random_subspace_baseline, row_space_basis, singular_values, subspace_similarity_grid
+from ..counting import training_state_bytes
+from ..experiments import SweepResult, lora_formula_params
+from .checks import check_sweep
+from .style import FULL_FT, log2_ticks, teaching_figure
+
+__all__ = ["FIGURE_NAMES", "save_figures", "plot_loss_vs_rank", "plot_loss_curves",
+           "plot_delta_spectra", "plot_subspace_similarity", "plot_param_counts"]
+
+#: file name of each figure that ``save_figures`` writes
+FIGURE_NAMES = {
+    "loss_vs_rank": "sweep_loss_vs_rank.png",
+    "loss_curves": "sweep_loss_curves.png",
+    "delta_spectra": "sweep_delta_spectra.png",
+    "subspace_similarity": "sweep_subspace_similarity.png",
+    "param_counts": "sweep_param_counts.png",
+}
+
+
+def _rank_colors(ranks) -> dict:
+    cmap = mpl.colormaps["viridis"]
+    n = max(len(ranks) - 1, 1)
+    return {r: cmap(0.9 * i / n) for i, r in enumerate(ranks)}
+
+
+def _rank_axis(ax, ranks, k) -> None:
+    """Rank on a log₂ axis with plain tick labels, and the true rank k as a dotted red line."""
+    log2_ticks(ax, ranks)
+    ax.axvline(k, color="C3", ls=":", lw=2, label=f"true rank k = {k}")
+
+
+def _layer(result: SweepResult, layer) -> str:
+    names = list(result.task.delta_true)
+    if layer is None:
+        return names[0]
+    if layer not in names:
+        raise ValueError(f"layer must be one of the shifted layers {names}, got {layer!r}")
+    return layer
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def plot_loss_vs_rank(result: SweepResult, path=None) -> Figure:
+    """Left: task B validation loss ÷ L₀ after fine-tuning, against LoRA rank (log–log), with
+    full fine-tuning as a dashed line, the noise floor (noise² ÷ L₀) dotted and the true rank k
+    marked. Right: task A loss (forgetting) against rank, full FT dashed."""
+    res = check_sweep("result", result)
+    ranks, k, L0 = res.ranks, res.task.true_rank, res.initial_val_loss
+    val = [res.lora[r].final_val_loss / L0 for r in ranks]
+    old = [res.lora[r].old_task_loss for r in ranks]
+    with teaching_figure(1, 2, figsize=(15, 5.8), path=path) as (fig, (ax1, ax2)):
+        ax1.plot(ranks, val, "o-", color="C0", ms=9, label="LoRA")
+        ax1.axhline(res.full.final_val_loss / L0, label="full fine-tuning", **FULL_FT)
+        ax1.axhline(res.task.noise_floor / L0, color="gray", ls=":", lw=2, label="noise floor (noise² / L₀)")
+        ax1.set_yscale("log")
+        _rank_axis(ax1, ranks, k)
+        ax1.set(xlabel="LoRA rank r", ylabel="validation loss ÷ L₀",
+                title=f"Task B: loss after fine-tuning (L₀ = {L0:.3g})")
+        ax1.legend(loc="center right")
+        ax2.plot(ranks, old, "o-", color="C1", ms=9, label="LoRA")
+        ax2.axhline(res.full.old_task_loss, label="full fine-tuning", **FULL_FT)
+        ax2.set_yscale("log")
+        _rank_axis(ax2, ranks, k)
+        ax2.set(xlabel="LoRA rank r", ylabel="task A loss (MSE; 0 before fine-tuning)",
+                title="Task A: forgetting")
+        ax2.legend(loc="best")              # the points move with the task; let matplotlib avoid them
+    return fig
+
+
+def _smooth(values, window: int) -> np.ndarray:
+    """Running mean over ``window`` steps (shorter at the start)."""
+    v = np.asarray(values, dtype=np.float64)
+    c = np.cumsum(np.concatenate([[0.0], v]))
+    i = np.arange(1, v.size + 1)
+    lo = np.maximum(i - window, 0)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def plot_loss_curves(result: SweepResult, window: int = 10, path=None) -> Figure:
+    """Training loss ÷ L₀ against step for full FT (black, dashed) and every LoRA rank
+    (colour = rank), each a running mean over ``window`` steps of the per-step mini-batch
+    loss; the noise floor dotted."""
+    res = check_sweep("result", result)
+    L0, ranks = res.initial_val_loss, res.ranks
+    colors = _rank_colors(ranks)
+    with teaching_figure(figsize=(11, 6.2), path=path) as (fig, (ax,)):
+        for r in ranks:
+            h = res.lora[r].loss_history
+            ax.plot(np.arange(1, len(h) + 1), _smooth(h, window) / L0, color=colors[r], label=f"LoRA r={r}")
+        h = res.full.loss_history
+        ax.plot(np.arange(1, len(h) + 1), _smooth(h, window) / L0, label="full fine-tuning", **FULL_FT)
+        ax.axhline(res.task.noise_floor / L0, color="gray", ls=":", lw=2, label="noise floor")
+        ax.set_yscale("log")
+        ax.set(xlabel="training step", ylabel="training loss ÷ L₀",
+               title=f"Loss curves (true rank k = {res.task.true_rank}; running mean of {window} steps)")
+        ax.legend(loc="center right", ncol=2)        # ranks below k plateau above it, the rest below
+    return fig
+
+
+# --------------------------------------------------------------------------- ΔW
+
+
+def plot_delta_spectra(result: SweepResult, layer: str | None = None, ranks=None, path=None) -> Figure:
+    """Singular values σᵢ of ΔW (log scale) against index i for the true ΔW*, full FT and LoRA
+    at ``ranks`` (default: all), in one shifted ``layer`` (default: the first).
+
+    A LoRA ΔW = s·B A has rank ≤ r, so only its first r values are drawn (the rest are zero up
+    to rounding); ΔW* has k non-zero values.
+    """
+    res = check_sweep("result", result)
+    name = _layer(res, layer)
+    ranks = res.ranks if ranks is None else list(ranks)
+    missing = [r for r in ranks if r not in res.lora]
+    if missing:
+        raise ValueError(f"ranks {missing} are not in this sweep (it has {res.ranks})")
+    k = res.task.true_rank
+    colors = _rank_colors(res.ranks)
+    with teaching_figure(figsize=(11, 6.2), path=path) as (fig, (ax,)):
+        for r in ranks:
+            s = singular_values(res.lora[r].delta_weights[name])[:r]
+            ax.plot(np.arange(1, s.size + 1), s, "o-", ms=5, lw=1.6, color=colors[r], label=f"LoRA r={r}")
+        s = singular_values(res.full.delta_weights[name])
+        ax.plot(np.arange(1, s.size + 1), s, marker="s", ms=6, label="full fine-tuning", **FULL_FT)
+        s_true = singular_values(res.task.delta_true[name])[:k]
+        ax.plot(np.arange(1, k + 1), s_true, "*", color="C3", ms=20, label=f"true ΔW* (rank {k})", zorder=5)
+        ax.axvline(k + 0.5, color="C3", ls=":", lw=2)
+        ax.set_yscale("log")
+        log2_ticks(ax, [2 ** e for e in range(int(np.log2(s.size)) + 1)])
+        ax.set(xlabel="index i (log scale)", ylabel="singular value σᵢ of ΔW",
+               title=f"Spectrum of the learned update ΔW of {name}")
+        ax.legend(loc="lower left", ncol=2)
+    return fig
+
+
+def plot_subspace_similarity(result: SweepResult, r_small: int = 8, r_large: int | None = None,
+                             layer: str | None = None, path=None) -> Figure:
+    """Hu et al. 2021 (arXiv 2106.09685) §7.2, Fig. 3, on this task.
+
+    Left: the heatmap φ(A_{r_small}, A_{r_large}, i, j) = ‖U_iᵀ U_j‖²_F / min(i, j), where U are
+    the right singular vectors (row spaces) of the two LoRA runs' A (r, d_in) factors, for
+    i, j ≤ r_small (r_large defaults to the largest rank of the sweep). Like the zoomed panels
+    of Hu et al.'s Fig. 3: with d_in = 64 the full j ≤ 64 range would be the whole input
+    space, where φ = 1 says nothing (the random baseline max(i, j)/d_in is 1 there too).
+    Right: φ at i = j against i, for the same pair of A's, for each learned ΔW against the
+    true ΔW* (row spaces, in input space), and the random baseline E φ = i / d_in.
+    """
+    res = check_sweep("result", result)
+    name = _layer(res, layer)
+    r_large = max(res.ranks) if r_large is None else r_large
+    for r in (r_small, r_large):
+        if r not in res.lora:
+            raise ValueError(f"rank {r} is not in this sweep (it has {res.ranks})")
+    if name not in res.lora[r_small].lora_factors:
+        raise ValueError(f"LoRA did not adapt layer {name!r} (targets {res.lora[r_small].targets})")
+    k = res.task.true_rank
+    A1 = res.lora[r_small].lora_factors[name][0]
+    A2 = res.lora[r_large].lora_factors[name][0]
+    d_in = A1.shape[1]
+    grid = subspace_similarity_grid(row_space_basis(A1), row_space_basis(A2))   # (r_small, r_large)
+    n = min(r_small, r_large)
+    zoom = grid[:, :n]                                                           # (r_small, n)
+    V_true = row_space_basis(res.task.delta_true[name], k)
+    i = np.arange(1, n + 1)
+
+    def phi_vs_true(dW):                                           # φ(i, i), i = 1..n
+        return np.diag(subspace_similarity_grid(row_space_basis(dW, n), V_true))[:n]
+
+    curves = {
+        f"A of r={r_small} vs A of r={r_large}": np.diag(grid)[:n],
+        "full-FT ΔW vs true ΔW*": phi_vs_true(res.full.delta_weights[name]),
+        f"LoRA r={r_large} ΔW vs true ΔW*": phi_vs_true(res.lora[r_large].delta_weights[name]),
+    }
+    with teaching_figure(1, 2, figsize=(19, 6.2), path=path) as (fig, (ax1, ax2)):
+        im = ax1.imshow(zoom, vmin=0, vmax=1, cmap="magma", aspect="auto", origin="lower",
+                        extent=(0.5, zoom.shape[1] + 0.5, 0.5, zoom.shape[0] + 0.5))
+        for (a, b), v in np.ndenumerate(zoom):
+            ax1.text(b + 1, a + 1, f"{v:.2f}", ha="center", va="center", fontsize=10,
+                     color="black" if v > 0.6 else "white")
+        ax1.set_xticks(range(1, zoom.shape[1] + 1))
+        ax1.set_yticks(range(1, zoom.shape[0] + 1))
+        ax1.grid(False)
+        fig.colorbar(im, ax=ax1)
+        ax1.set(xlabel=f"j (directions of A, r = {r_large})", ylabel=f"i (directions of A, r = {r_small})",
+                title=f"φ(i, j) between A's row spaces ({name})")
+        for label, c, marker in zip(curves, ("C0", "black", "C2"), ("o", "s", "^")):
+            # φ against ΔW* is only defined up to i = k (ΔW* has k directions): past k it is
+            # ‖·‖²_F / min(i, k), so the curve stays flat; draw it only up to k
+            upto = n if "ΔW*" not in label else min(n, k)
+            ax2.plot(i[:upto], curves[label][:upto], marker + "-", color=c, ms=8, label=label)
+        ax2.plot(i, [random_subspace_baseline(int(a), int(a), d_in) for a in i], color="gray", ls="--",
+                 lw=2, label=f"random subspaces: i / d_in (d_in = {d_in})")
+        ax2.axvline(k, color="C3", ls=":", lw=2, label=f"true rank k = {k}")
+        ax2.set_ylim(0, 1.05)
+        ax2.set(xlabel="i = j (number of top directions compared)", ylabel="φ(i, i)",
+                title="Shared top directions vs chance")
+        ax2.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=12)
+    return fig
+
+
+# --------------------------------------------------------------------------- counts
+
+
+def plot_param_counts(result: SweepResult, path=None) -> Figure:
+    """Left: trainable parameters against rank — measured (dots), the formula
+    Σ r·(d_in + d_out) (line) and full FT (dashed). Right: training state in bytes
+    (trainable parameters + gradients + Adam's m and v) — measured from the arrays (dots), the
+    formula ``counting.training_state_bytes`` (line), full FT measured (dashed)."""
+    res = check_sweep("result", result)
+    ranks, k = res.ranks, res.task.true_rank
+    targets = res.lora[ranks[0]].targets
+    dtype = next(iter(res.task.pretrained.parameters().values())).dtype
+    r_line = np.arange(1, max(ranks) + 1)
+    formula = [lora_formula_params(res.task, int(r), targets) for r in r_line]
+    with teaching_figure(1, 2, figsize=(15, 5.8), path=path) as (fig, (ax1, ax2)):
+        ax1.plot(r_line, formula, color="C0", label=f"Σ r·(d_in + d_out) = {formula[0]} r")
+        ax1.plot(ranks, [res.lora[r].trainable_params for r in ranks], "o", color="C0", ms=10,
+                 label="LoRA, counted")
+        n_full = res.full.trainable_params
+        ax1.axhline(n_full, label=f"full fine-tuning ({n_full:,})", **FULL_FT)
+        ax1.set(xlabel="LoRA rank r", ylabel="trainable parameters", title="Trainable parameters",
+                yscale="log")
+        _rank_axis(ax1, ranks, k)
+        ax1.legend(loc="lower right")
+        ax2.plot(r_line, [training_state_bytes(n, "adam", dtype) for n in formula], color="C1",
+                 label="formula: 4 × params × itemsize")
+        ax2.plot(ranks, [res.lora[r].state_bytes for r in ranks], "o", color="C1", ms=10,
+                 label="LoRA, measured")
+        ax2.axhline(res.full.state_bytes, label=f"full fine-tuning ({res.full.state_bytes:,} B)", **FULL_FT)
+        ax2.set(xlabel="LoRA rank r", ylabel="bytes", yscale="log",
+                title="Training state: params + grads + Adam m, v")
+        _rank_axis(ax2, ranks, k)
+        ax2.legend(loc="lower right")
+    return fig
+
+
+# --------------------------------------------------------------------------- all of them
+
+
+def save_figures(result: SweepResult, out_dir="figures", prefix: str = "") -> dict:
+    """Draw every figure of ``result`` and save it in ``out_dir`` as ``prefix + FIGURE_NAMES[...]``.
+    Returns ``{figure name: path}``."""
+    res = check_sweep("result", result)
+    out = pathlib.Path(out_dir)
+    paths = {key: out / (prefix + fname) for key, fname in FIGURE_NAMES.items()}
+    plot_loss_vs_rank(res, path=paths["loss_vs_rank"])
+    plot_loss_curves(res, path=paths["loss_curves"])
+    plot_delta_spectra(res, path=paths["delta_spectra"])
+    r_small = 8 if 8 in res.lora else res.ranks[len(res.ranks) // 2]
+    plot_subspace_similarity(res, r_small=min(r_small, max(res.ranks)), path=paths["subspace_similarity"])
+    plot_param_counts(res, path=paths["param_counts"])
+    return paths
