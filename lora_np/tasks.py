@@ -41,6 +41,8 @@ import numpy as np
 
 from . import functional as F
 from .modules import MLP, Module, MultiHeadAttention
+from .validate import (check_bool, check_choice, check_descending_positive, check_int,
+                       check_number)
 
 __all__ = ["Task", "mlp_task", "attention_task", "random_orthonormal", "orthogonal_weight",
            "low_rank_delta", "INPUT_LAYERS"]
@@ -201,39 +203,12 @@ class Task:
 # --------------------------------------------------------------------------- argument checks
 
 
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_sigma(singular_values, k):
     """σ as a descending float64 array of length k (a number means k equal values)."""
     if isinstance(singular_values, numbers.Real) and not isinstance(singular_values, bool):
         singular_values = np.full(k, float(singular_values))
-    return _descending_positive(singular_values, "singular_values",
-                                f"a number or {k} numbers (one per rank of ΔW*, true_rank={k})", k)
-
-
-def _descending_positive(values, name, expected, n):
-    """``values`` as a descending float64 array of ``n`` finite numbers > 0, or a ValueError
-    naming ``name``, what was ``expected`` and what came."""
-    s = np.asarray(values, dtype=np.float64)
-    if s.ndim != 1 or s.size != n:
-        raise ValueError(f"{name} must be {expected}, got shape {s.shape}")
-    if not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise ValueError(f"{name} must be finite and > 0, got {s.tolist() if s.size <= 8 else f'min {s.min()}'}")
-    return np.sort(s)[::-1].copy()
-
-
-def _check_noise(noise):
-    if isinstance(noise, bool) or not isinstance(noise, numbers.Real):
-        raise TypeError(f"noise must be a number, got {noise!r}")
-    if not (math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
-    return float(noise)
+    return check_descending_positive(f"singular_values (one per rank of ΔW*, true_rank={k})",
+                                     singular_values, k)
 
 
 def _check_shifted(kind, shifted):
@@ -284,11 +259,8 @@ def _input_subspaces(rng, d_in, d_old):
 
 
 def _check_fc1_sigma(values, p):
-    """None, or σ⁰ as a descending float64 array of p finite values > 0."""
-    if values is None:
-        return None
-    return _descending_positive(values, "fc1_singular_values",
-                                f"None or {p} numbers (min(d_hidden, d_in))", p)
+    """None, or σ⁰ as a descending float64 array of p = min(d_hidden, d_in) finite values > 0."""
+    return None if values is None else check_descending_positive("fc1_singular_values", values, p)
 
 
 def _with_spectrum(M, sigma0, rng):
@@ -349,21 +321,20 @@ def mlp_task(seed: int = 0, true_rank: int = 4, *, d_in: int = 64, d_hidden: int
         x_train (n_train, d_in), y_train (n_train, d_out), x_val (n_val, d_in),
         y_val (n_val, d_out), x_old (n_old, d_in), y_old (n_old, d_out).
     """
-    seed = _check_int("seed", seed, 0)
-    k = _check_int("true_rank", true_rank)
-    d_in, d_hidden, d_out = (_check_int(n, v) for n, v in
+    seed = check_int("seed", seed, minimum=0)
+    k = check_int("true_rank", true_rank, minimum=1)
+    d_in, d_hidden, d_out = (check_int(n, v, minimum=1) for n, v in
                              (("d_in", d_in), ("d_hidden", d_hidden), ("d_out", d_out)))
-    d_old = _check_int("d_old", d_old)
+    d_old = check_int("d_old", d_old, minimum=1)
     if d_old >= d_in:
         raise ValueError(f"d_old must be < d_in={d_in} (task B needs input directions task A "
                          f"never uses), got d_old={d_old}")
-    n_train, n_val, n_old = (_check_int(n, v) for n, v in
+    n_train, n_val, n_old = (check_int(n, v, minimum=1) for n, v in
                              (("n_train", n_train), ("n_val", n_val), ("n_old", n_old)))
     shifted = _check_shifted("mlp", shifted)
     sigma = _check_sigma(singular_values, k)
-    noise = _check_noise(noise)
-    if activation not in F.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(F.ACTIVATIONS)}, got {activation!r}")
+    noise = check_number("noise", noise, nonnegative=True)
+    activation = check_choice("activation", activation, sorted(F.ACTIVATIONS))
     sigma0 = _check_fc1_sigma(fc1_singular_values, min(d_hidden, d_in))
 
     rng = np.random.default_rng(seed)
@@ -414,21 +385,22 @@ def attention_task(seed: int = 0, true_rank: int = 4, *, d_model: int = 64, n_he
     Task
         x_* (N, T, d_model), y_* (N, T, d_model).
     """
-    seed = _check_int("seed", seed, 0)
-    k = _check_int("true_rank", true_rank)
-    d_model, n_heads, T = (_check_int(n, v) for n, v in
+    seed = check_int("seed", seed, minimum=0)
+    k = check_int("true_rank", true_rank, minimum=1)
+    d_model, n_heads, T = (check_int(n, v, minimum=1) for n, v in
                            (("d_model", d_model), ("n_heads", n_heads), ("T", T)))
-    d_old = _check_int("d_old", d_old)
+    d_old = check_int("d_old", d_old, minimum=1)
     if d_old >= d_model:
         raise ValueError(f"d_old must be < d_model={d_model}, got d_old={d_old}")
-    n_train, n_val, n_old = (_check_int(n, v) for n, v in
+    n_train, n_val, n_old = (check_int(n, v, minimum=1) for n, v in
                              (("n_train", n_train), ("n_val", n_val), ("n_old", n_old)))
     shifted = _check_shifted("attention", shifted)
     sigma = _check_sigma(singular_values, k)
-    noise = _check_noise(noise)
+    noise = check_number("noise", noise, nonnegative=True)
+    causal = check_bool("causal", causal)
 
     rng = np.random.default_rng(seed)
-    model = MultiHeadAttention(d_model, n_heads, causal=bool(causal), rng=rng)
+    model = MultiHeadAttention(d_model, n_heads, causal=causal, rng=rng)
     layers = {n: getattr(model, n) for n in _LAYERS["attention"]}
     _check_rank_fits(k, shifted, layers, d_model, d_old, "attention")
     for name in _LAYERS["attention"]:
@@ -446,7 +418,7 @@ def attention_task(seed: int = 0, true_rank: int = 4, *, d_model: int = 64, n_he
     y_val = noisy(x_val)
     x_old = rng.standard_normal((n_old, T, d_old)) @ q_old.T        # (n_old, T, d_model)
     y_old = model(x_old)
-    config = dict(d_model=d_model, n_heads=n_heads, T=T, d_old=d_old, causal=bool(causal),
+    config = dict(d_model=d_model, n_heads=n_heads, T=T, d_old=d_old, causal=causal,
                   n_train=n_train, n_val=n_val, n_old=n_old)
     return Task("attention", model, teacher, shifted, delta, k, sigma, noise, x_train, y_train,
                 x_val, y_val, x_old, y_old, q_old, seed, config)

@@ -1,41 +1,167 @@
-"""``python -m lora_np``: options, the printed table and claims, the figures it writes."""
+"""``python -m lora_np``: options, the printed table and claims, the exit status, where the
+figures go (never over the committed ones unless it is the default run), and no matplotlib
+with --no-figures.
 
+The tests that write figures run in a temporary folder (``monkeypatch.chdir``), so they never
+touch the repository's figures/.
+"""
+
+import pathlib
+import struct
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
+import lora_np.__main__ as cli
 from lora_np.__main__ import main
-from lora_np.plots import FIGURE_NAMES
+from lora_np.experiments import DEFAULT_RANKS, SweepSettings
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_quick_run_prints_the_table_and_claims_and_writes_figures(tmp_path, capsys):
-    out_dir = tmp_path / "figs"
-    assert main(["--quick", "--ranks", "2,4", "--out", str(out_dir), "--quiet"]) == 0
+def _figure_names():
+    from lora_np.plots import FIGURE_NAMES
+    return list(FIGURE_NAMES.values())
+
+
+def _claims(out):
+    return [line for line in out.splitlines() if line[:1] in ("✓", "✗")]
+
+
+def _png_size(path):
+    """(width, height) from a PNG's IHDR chunk."""
+    return struct.unpack(">II", pathlib.Path(path).read_bytes()[16:24])
+
+
+def _pngs(folder):
+    return sorted(p.name for p in pathlib.Path(folder).glob("*.png"))
+
+
+# --------------------------------------------------------------------------- output and exit status
+
+
+def test_quick_run_prints_only_passing_claims_and_writes_to_scratch(tmp_path, monkeypatch, capsys):
+    """`--quick` used to overwrite the committed figures/sweep_*.png: now figures/scratch/."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--quick", "--quiet"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
     for word in ("trainable", "% of full", "val loss", "old-task loss", "ms/step", "state bytes"):
         assert word in lines[header]
     assert lines[header + 2].startswith("full FT") and "100.0%" in lines[header + 2]
-    assert lines[header + 3].startswith("LoRA r=2") and " 256 " in lines[header + 3]
-    assert lines[header + 4].startswith("LoRA r=4") and " 512 " in lines[header + 4]
+    assert lines[header + 4].startswith("LoRA r=2") and " 256 " in lines[header + 4]
     assert "L₀" in out and "300 Adam steps" in out
-    claims = [line for line in lines if line[:1] in ("✓", "✗")]
-    assert len(claims) == 7 and all(c.startswith("✓") for c in claims), "\n".join(claims)
-    for name in FIGURE_NAMES.values():
-        assert (out_dir / name).stat().st_size > 10_000, f"{name} missing or empty"
+    claims = _claims(out)
+    assert len(claims) == 5 and all(c.startswith("✓") for c in claims), "\n".join(claims)
+    assert _pngs(tmp_path / "figures") == []
+    assert _pngs(tmp_path / "figures" / "scratch") == sorted(_figure_names())
+    assert "figures written to figures/scratch/" in out
 
 
-def test_no_figures_and_progress_on_stderr(tmp_path, capsys, monkeypatch):
-    import lora_np.__main__ as cli
+def test_a_failed_claim_exits_1(monkeypatch, capsys):
+    """A ✗ used to exit 0. 20 steps are far too few to reach the noise floor: claim 1 fails."""
     monkeypatch.setattr(cli, "QUICK_STEPS", 20)
-    assert main(["--quick", "--ranks", "1", "--out", str(tmp_path), "--no-figures"]) == 0
+    assert main(["--quick", "--ranks", "1,4", "--no-figures", "--quiet"]) == cli.EXIT_CLAIM_FAILED == 1
     captured = capsys.readouterr()
-    assert "step 20/20" in captured.err           # one line per run: stderr is not a terminal here
-    assert captured.err.count("step 20/20") == 2 and "\r" not in captured.err
-    assert "figures:" not in captured.out
-    assert list(tmp_path.iterdir()) == []
+    assert "✗ full FT and LoRA r ≥ 4 end at ≤ 0.01·L₀" in captured.out
+    assert "claims failed" in captured.err
+
+
+def test_out_is_used_for_any_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "QUICK_STEPS", 20)
+    main(["--quick", "--ranks", "2", "--out", "mine", "--quiet"])
+    assert _pngs(tmp_path / "mine") == sorted(_figure_names())
+    assert not (tmp_path / "figures").exists()
+    assert "figures written to mine/" in capsys.readouterr().out
+
+
+def test_progress_on_stderr_unless_quiet(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "QUICK_STEPS", 20)
+    main(["--quick", "--ranks", "1", "--no-figures"])
+    captured = capsys.readouterr()
+    assert "full FT" in captured.err and "LoRA r=1" in captured.err and "20/20" in captured.err
+    assert "figures" not in captured.out
+    main(["--quick", "--ranks", "1", "--no-figures", "--quiet"])
+    assert capsys.readouterr().err.count("LoRA r=1") == 0
+
+
+# --------------------------------------------------------------------------- which run writes where
+
+
+@pytest.mark.parametrize("argv, default", [
+    ([], True),
+    (["--quiet"], True),
+    (["--ranks", "64,32,16,8,4,2,1", "--seed", "0", "--true-rank", "4"], True),   # the same run
+    (["--quick"], False),
+    (["--ranks", "1,4,16"], False),
+    (["--seed", "1"], False),
+    (["--true-rank", "2"], False),
+    (["--model", "attention"], False),
+])
+def test_only_the_default_run_is_the_default_run(argv, default):
+    args = cli.parser().parse_args(argv)
+    ranks = args.ranks or (cli.QUICK_RANKS if args.quick else DEFAULT_RANKS)
+    steps = cli.QUICK_STEPS if args.quick else cli.DEFAULT_STEPS
+    assert cli.is_default_run(args.model, ranks, args.true_rank, args.seed, steps) is default
+    folder = cli.figure_folder(args.out, default)
+    assert folder == (pathlib.Path("figures") if default else pathlib.Path("figures/scratch"))
+
+
+def test_default_run_rewrites_the_committed_figures(default_sweep, tmp_path, monkeypatch, capsys):
+    """The default run (the session's default sweep stands in for the training) writes
+    figures/, in the current folder, with the committed files' names and sizes."""
+    def fake_rank_sweep(ranks, true_rank, seed, settings, verbose):
+        assert (tuple(ranks), true_rank, seed, settings) == (DEFAULT_RANKS, 4, 0, SweepSettings())
+        return default_sweep
+    monkeypatch.setattr(cli, "rank_sweep", fake_rank_sweep)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert all(c.startswith("✓") for c in _claims(out)) and len(_claims(out)) == 5
+    names = _figure_names()
+    assert _pngs(tmp_path / "figures") == sorted(names)
+    assert not (tmp_path / "figures" / "scratch").exists()
+    for name in names:
+        assert _png_size(tmp_path / "figures" / name) == _png_size(REPO / "figures" / name), name
+
+
+def test_attention_run_passes_its_claims_and_writes_to_scratch(default_attention_sweep, tmp_path,
+                                                                monkeypatch, capsys):
+    """`--model attention` printed a ✗ and exited 0 (and wrote over figures/ too)."""
+    def fake_attention_sweep(ranks, true_rank, seed, settings, verbose):
+        assert (tuple(ranks), true_rank, seed) == (DEFAULT_RANKS, 4, 0)
+        assert settings == SweepSettings(batch_size=64)
+        return default_attention_sweep
+    monkeypatch.setattr(cli, "attention_sweep", fake_attention_sweep)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", "attention", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    claims = _claims(out)
+    assert len(claims) == 5 and all(c.startswith("✓") for c in claims), "\n".join(claims)
+    assert "read through W_qᵀW_k, W_oW_v" in out
+    assert _pngs(tmp_path / "figures") == []
+    assert _pngs(tmp_path / "figures" / "scratch") == sorted("attention_" + n for n in _figure_names())
+
+
+def test_no_figures_does_not_import_matplotlib():
+    code = textwrap.dedent("""
+        import sys
+        import lora_np.__main__ as cli
+        cli.QUICK_STEPS = 5
+        status = cli.main(["--no-figures", "--quick", "--ranks", "1", "--quiet"])
+        print(status, "matplotlib" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "1 False"       # 5 steps: the claims fail; no matplotlib
+
+
+# --------------------------------------------------------------------------- options
 
 
 def test_help_explains_every_option(capsys):
@@ -46,6 +172,7 @@ def test_help_explains_every_option(capsys):
     for option in ("--ranks", "--seed", "--out", "--quick", "--true-rank", "--model", "--no-figures",
                    "--quiet"):
         assert option in text
+    assert "figures/scratch/" in text
 
 
 @pytest.mark.parametrize("argv", [["--ranks", "a,b"], ["--ranks", "0"], ["--model", "cnn"]])
@@ -57,7 +184,7 @@ def test_bad_options_exit_with_usage(argv, capsys):
 
 
 def test_rank_too_large_is_a_clear_error(capsys):
-    assert main(["--ranks", "65", "--quiet", "--no-figures"]) == 2
+    assert main(["--ranks", "65", "--quiet", "--no-figures"]) == cli.EXIT_BAD_ARGUMENT == 2
     assert "rank 65 is larger than min(d_in, d_out) = 64" in capsys.readouterr().err
 
 
@@ -68,7 +195,6 @@ def test_runs_as_a_module():
 
 
 def test_restarts_with_one_blas_thread_unless_the_user_chose(monkeypatch):
-    import lora_np.__main__ as cli
     calls = []
     monkeypatch.setattr(cli.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
     monkeypatch.setattr(cli.sys, "argv", ["lora_np", "--quick"])
