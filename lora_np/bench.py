@@ -417,10 +417,14 @@ def _str_list(choices):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lora_np.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--widths", type=_int_list, default=[64, 128, 256, 512, 1024])
-    p.add_argument("--ranks", type=_int_list, default=[1, 8, 64])
-    p.add_argument("--dtypes", type=_str_list(("float32", "float64")), default=["float32", "float64"])
-    p.add_argument("--models", type=_str_list(("mlp", "attention")), default=["mlp", "attention"])
+    p.add_argument("--widths", type=_int_list, default=[64, 128, 256, 512, 1024],
+                   help="comma-separated widths d (default 64,128,256,512,1024)")
+    p.add_argument("--ranks", type=_int_list, default=[1, 8, 64],
+                   help="comma-separated LoRA ranks, each run where r <= d/2 (default 1,8,64)")
+    p.add_argument("--dtypes", type=_str_list(("float32", "float64")), default=["float32", "float64"],
+                   help="float32, float64 or both (default both)")
+    p.add_argument("--models", type=_str_list(("mlp", "attention")), default=["mlp", "attention"],
+                   help="mlp, attention or both (default both)")
     p.add_argument("--rows", type=int, default=512, help="N rows (MLP) = batch·T tokens (attention)")
     p.add_argument("--repeats", type=int, default=10, help="minimum timed steps per row")
     p.add_argument("--quick", action="store_true", help="widths 128,1024, rank 8, float32, 5 repeats")
