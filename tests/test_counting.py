@@ -11,7 +11,7 @@ from lora_np.counting import (ADAM_FLOPS_PER_PARAM, ATTENTION_TARGETS, MODEL_CON
                               linear_step_flops, lora_linear_step_flops, lora_param_count,
                               lora_params, measured_total_state_bytes,
                               measured_training_state_bytes, mlp_step_flops, paper_comparison,
-                              state_bytes_model, state_ratio, target_shape, total_state_bytes,
+                              state_bytes_model, target_shape, total_state_bytes,
                               training_state_bytes)
 
 
@@ -225,14 +225,6 @@ def test_training_state_bytes_formula():
     assert training_state_bytes(100) == 3200                   # defaults: adam, float64
 
 
-def test_state_ratio_is_parameter_ratio():
-    assert state_ratio(1000, 10, "adam") == 100.0
-    assert state_ratio(1000, 10, "sgd") == 100.0
-    full = MODEL_CONFIGS["gpt3-175b"].n_params
-    lora = lora_param_count("gpt3-175b", ("q_proj", "v_proj"), 4)
-    assert state_ratio(full, lora) == pytest.approx(full / lora)
-
-
 def test_total_state_includes_frozen_weights_gpt3():
     full = total_state_bytes(175e9, 0, "adam", np.float16)
     lora = total_state_bytes(18_874_368, 175e9, "adam", np.float16)
@@ -245,11 +237,6 @@ def test_training_state_bad_optimizer_and_dtype():
         training_state_bytes(10, "rmsprop")
     with pytest.raises(TypeError, match="floating"):
         training_state_bytes(10, "adam", np.int32)
-
-
-def test_state_ratio_zero_lora_rejected():
-    with pytest.raises(ValueError, match="n_lora"):
-        state_ratio(10, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ..validate import check_choice, check_int
 from .params import lora_param_count
 
 __all__ = ["checkpoint_bytes", "adapter_checkpoint_bytes", "OPTIMIZER_STATE_COPIES",
-           "training_state_bytes", "state_ratio", "total_state_bytes",
+           "training_state_bytes", "total_state_bytes",
            "measured_training_state_bytes", "measured_total_state_bytes"]
 
 
@@ -104,21 +104,6 @@ def training_state_bytes(n_trainable, optimizer: str = "adam", dtype=np.float64)
     """
     copies = OPTIMIZER_STATE_COPIES[check_choice("optimizer", optimizer, OPTIMIZER_STATE_COPIES)]
     return checkpoint_bytes(n_trainable, _itemsize(dtype)) * copies
-
-
-def state_ratio(n_full, n_lora, optimizer: str = "adam") -> float:
-    """How many times more trainable state full fine-tuning holds than LoRA.
-
-    .. math:: \\frac{\\text{training\\_state\\_bytes}(n_{full})}
-                    {\\text{training\\_state\\_bytes}(n_{lora})} = \\frac{n_{full}}{n_{lora}}
-
-    The itemsize and the optimizer's copy count are the same on both sides and cancel, so the
-    ratio is just the parameter ratio — the point of showing it. ``n_lora`` must be >= 1.
-    """
-    lora = training_state_bytes(n_lora, optimizer)
-    if lora == 0:
-        raise ValueError("n_lora must be >= 1, got 0 (the ratio would divide by zero)")
-    return training_state_bytes(n_full, optimizer) / lora
 
 
 def total_state_bytes(n_trainable, n_frozen, optimizer: str = "adam", dtype=np.float64) -> int:
