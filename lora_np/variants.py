@@ -132,10 +132,10 @@ def fit_adapter(task, r, alpha, steps, lr, *, rslora=False, init="kaiming", use_
         else LoRALinear(base, r, alpha, **kwargs)
     opt = Adam(layer, lr, lr_multipliers=loraplus_multipliers(lr_ratio))
     losses = np.full(steps + 1, np.nan)
-    try:                                          # the training set is the validation set too:
+    try:               # validating on the training set: the last val loss is the loss after the last step
         history = train(layer, task.X, task.Y, steps=steps, optimizer=opt, batch_size=None,
                         schedule="constant", x_val=task.X, y_val=task.Y, eval_every=steps)
-        recorded = history.loss_history + [history.final_val_loss]    # + the loss after the last step
+        recorded = history.loss_history + [history.final_val_loss]
     except TrainingDiverged as diverged:
         recorded = diverged.history.loss_history
     losses[:len(recorded)] = recorded
