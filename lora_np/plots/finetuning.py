@@ -77,13 +77,15 @@ def plot_forgetting_vs_leak(labels, leak, old_loss, slope=None, title=None, path
     labels : (m,) str;  leak, old_loss : (m,) floats > 0 (log axes)
     slope : optional c; draws the line old_loss = c · leak (dashed grey)
     """
-    v = check_same_length(leak=check_positive_1d("leak", leak), old_loss=check_positive_1d("old_loss", old_loss))
+    v = check_same_length(leak=check_positive_1d("leak", leak),
+                          old_loss=check_positive_1d("old_loss", old_loss))
     if len(labels) != v["leak"].size:
         raise ValueError(f"need one label per point, got {len(labels)} labels and {v['leak'].size} points")
     with teaching_figure(figsize=(11, 6.5), path=path) as (fig, (ax,)):
         if slope is not None:
             x = np.geomspace(v["leak"].min() / 2, v["leak"].max() * 2, 50)
-            ax.plot(x, slope * x, color="gray", ls="--", lw=2, label=f"old-task loss = {slope:.2g} · ‖ΔW Q_A‖²")
+            ax.plot(x, slope * x, color="gray", ls="--", lw=2,
+                    label=f"old-task loss = {slope:.2g} · ‖ΔW Q_A‖²")
         _label_points(ax, labels, v["leak"], v["old_loss"])
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -133,9 +135,10 @@ def plot_budget_bars(configs, losses, full=None, noise_floor=None, highlight=Non
             if full is not None:
                 handles["full fine-tuning"] = ax.axvline(full[name], **FULL_FT)
             if noise_floor is not None:
-                handles["noise floor (noise² / L₀)"] = ax.axvline(noise_floor[name], color="gray", ls=":", lw=2)
+                handles["noise floor (noise² / L₀)"] = ax.axvline(noise_floor[name], color="gray", ls=":",
+                                                                  lw=2)
             ax.set_xscale("log")
-            ax.set_xlim(min(vals.min(), *(d[name] for d in (full, noise_floor) if d)) / 2.5, 6)
+            ax.set_xlim(min([vals.min(), *(d[name] for d in (full, noise_floor) if d)]) / 2.5, 6)
             ax.set_yticks(y, configs)
             ax.grid(axis="y", visible=False)
             ax.set(xlabel="validation loss ÷ L₀ (log scale)", title=name)

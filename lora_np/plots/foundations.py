@@ -122,7 +122,8 @@ def plot_heatmaps(matrices, suptitle=None, path=None, cmap="RdBu_r") -> Figure:
     if bad:
         raise ValueError(f"plot_heatmaps: every matrix must be 2-D, got shapes {bad}")
     n = len(matrices)
-    with teaching_figure(1, n, figsize=(4.6 * n, 4.4), path=path, pad=WIDE_PAD, title=suptitle) as (fig, axes):
+    with teaching_figure(1, n, figsize=(4.6 * n, 4.4), path=path, pad=WIDE_PAD,
+                         title=suptitle) as (fig, axes):
         for ax, (title, M) in zip(axes, matrices.items()):
             M = np.asarray(M)
             lim = float(np.abs(M).max()) or 1.0

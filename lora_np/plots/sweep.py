@@ -65,7 +65,8 @@ def plot_loss_vs_rank(result: SweepResult, path=None) -> Figure:
     with teaching_figure(1, 2, figsize=(15, 5.8), path=path) as (fig, (ax1, ax2)):
         ax1.plot(ranks, val, "o-", color="C0", ms=9, label="LoRA")
         ax1.axhline(res.full.final_val_loss / L0, label="full fine-tuning", **FULL_FT)
-        ax1.axhline(res.task.noise_floor / L0, color="gray", ls=":", lw=2, label="noise floor (noise² / L₀)")
+        ax1.axhline(res.task.noise_floor / L0, color="gray", ls=":", lw=2,
+                    label="noise floor (noise² / L₀)")
         ax1.set_yscale("log")
         _rank_axis(ax1, ranks, k)
         ax1.set(xlabel="LoRA rank r", ylabel="validation loss ÷ L₀",

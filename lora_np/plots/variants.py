@@ -114,8 +114,8 @@ def plot_pissa(result, path=None) -> Figure:
     names = {"kaiming": "default init (B = 0)", "pissa": "PiSSA init"}
     clipped = any(np.nanmin(v) < LOSS_FLOOR for curves in result.curves.values() for v in curves.values())
     note = f"; y floored at {LOSS_FLOOR:g}" if clipped else ""
-    return _curve_panels(result, titles, path,
-                         f"PiSSA vs default init (r = {result.config['r']}, same α and lr{note})", names=names)
+    title = f"PiSSA vs default init (r = {result.config['r']}, same α and lr{note})"
+    return _curve_panels(result, titles, path, title, names=names)
 
 
 def plot_dora(result, path=None) -> Figure:
