@@ -177,9 +177,9 @@ class LoRALinear(Module):
 
     def backward(self, dout):
         (kind, cache), dout = self._check_backward(dout)
-        if kind == "merged":
+        if kind == "merged" or self.merged:       # merged since forward: the cache's W changed
             raise ValueError(f"{type(self).__name__}.backward: the layer is merged (W holds the "
-                             "merged weight); call unmerge() before training")
+                             "merged weight); call unmerge() before training, then forward again")
         # after unfreeze() W, b train too: their gradients are asked for, not left at 0
         need_dW, need_db = "W" in self._grads, "b" in self._grads
         self._check_input_kept(cache.x, need_dW)
@@ -392,8 +392,7 @@ def add_lora(model: Module, targets, r: int, alpha: float, use_dora: bool = Fals
     Everything is checked before anything changes, so a bad call leaves ``model`` as it
     was. Returns ``model`` (changed in place).
     """
-    if not isinstance(use_dora, (bool, np.bool_)):
-        raise TypeError(f"add_lora: use_dora must be True or False, got {use_dora!r}")
+    use_dora = check_bool("use_dora", use_dora)
     if "detach_norm" in lora_kwargs and not use_dora:
         raise TypeError("add_lora: detach_norm is a DoRA option; pass use_dora=True with it")
     cls = DoRALinear if use_dora else LoRALinear

@@ -75,40 +75,45 @@ class _Pass:
 
 
 def _forward_entry(forward):
-    """Wrap a subclass's ``forward``: open a pass if none is open (this is the outermost
-    forward), refuse a second recording use of a module within one pass, make a recording
-    forward pending even if it had nothing of its own to ``_store``, and drop this module's
-    cache if the call fails after caches were kept (they would not fit together)."""
+    """Wrap a subclass's ``forward``: the outermost forward call opens a pass (``_Pass``) that
+    every module it runs sees; ``_forward_in_pass`` applies the rule."""
     @functools.wraps(forward)
     def entry(self, *args, **kwargs):
         if self.__dict__["_in_forward"]:    # a subclass's forward calling super().forward
             return forward(self, *args, **kwargs)
         token = _PASS.set(_Pass()) if _PASS.get() is None else None
-        current = _PASS.get()
         try:
-            records = self._records()
-            if records and self.__dict__["_pass"] is current:
-                raise ValueError(self._reuse_message())
-            stores = current.stores
-            object.__setattr__(self, "_in_forward", True)
-            try:
-                out = forward(self, *args, **kwargs)
-            except BaseException:
-                if current.stores != stores:
-                    self._forget("failed")
-                raise
-            finally:
-                object.__setattr__(self, "_in_forward", False)
-            if not records:
-                object.__setattr__(self, "_skipped", "inside no_grad()" if self.training else "in eval mode")
-            elif self.__dict__["_pass"] is not current:      # nothing stored: pending all the same
-                self._store(True, np.shape(out))
-            return out
+            return _forward_in_pass(self, forward, _PASS.get(), args, kwargs)
         finally:
             if token is not None:
                 _PASS.reset(token)
     entry._lora_np_entry = True
     return entry
+
+
+def _forward_in_pass(module, forward, current: _Pass, args, kwargs):
+    """Run ``forward`` as part of the pass ``current``: refuse a second recording use of
+    ``module`` in it, make a recording forward pending even if it had nothing of its own to
+    ``_store``, note a forward that records nothing (for backward's message), and drop the
+    module's cache if the call fails after caches were kept (they would not fit together)."""
+    records = module._records()
+    if records and module.__dict__["_pass"] is current:
+        raise ValueError(module._reuse_message())
+    stores = current.stores
+    object.__setattr__(module, "_in_forward", True)
+    try:
+        out = forward(module, *args, **kwargs)
+    except BaseException:
+        if current.stores != stores:
+            module._forget("failed")
+        raise
+    finally:
+        object.__setattr__(module, "_in_forward", False)
+    if not records:
+        object.__setattr__(module, "_skipped", "inside no_grad()" if module.training else "in eval mode")
+    elif module.__dict__["_pass"] is not current:
+        module._store(True, np.shape(out))
+    return out
 
 
 def _backward_entry(backward):
@@ -355,10 +360,14 @@ class Module:
             raise ValueError(f"{type(self).__name__}.backward: W was frozen during forward (so its "
                              "input was not kept) and is trainable now; run forward(x) again")
 
-    def _check_input(self, x, d_expected: int, what: str = "x"):
-        """``x`` as an array of this module's dtype whose last dimension is ``d_expected``."""
+    def _check_input(self, x, d_expected: int, what: str = "x", sequence: bool = False):
+        """``x`` as an array of this module's dtype whose last dimension is ``d_expected``;
+        with ``sequence=True`` (attention, blocks) it must be (batch, T, d_expected)."""
         if not isinstance(x, np.ndarray):
             x = np.asarray(x)
+        if sequence and x.ndim != 3:
+            raise ValueError(f"{type(self).__name__} expects {what} of shape (batch, seq, "
+                             f"d_model={d_expected}), got a {x.ndim}-D array of shape {x.shape}")
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"{type(self).__name__}: {what} must be a float array, got dtype {x.dtype}")
         if x.ndim < 1 or x.shape[-1] != d_expected:
@@ -533,11 +542,7 @@ class MultiHeadAttention(Module):
         return t.reshape(Bsz, T, H * d)                          # -> (B, T, C)
 
     def forward(self, x):
-        x = np.asarray(x)
-        if x.ndim != 3:
-            raise ValueError(f"MultiHeadAttention expects x of shape (batch, seq, d_model={self.d_model}), "
-                             f"got a {x.ndim}-D array of shape {x.shape}")
-        x = self._check_input(x, self.d_model)
+        x = self._check_input(x, self.d_model, sequence=True)
         q = self._split(self.q_proj(x))                          # (B, H, T, d_head)
         k = self._split(self.k_proj(x))
         v = self._split(self.v_proj(x))
@@ -583,11 +588,7 @@ class TransformerBlock(Module):
         self.mlp = MLP(d_model, d_hidden, d_model, activation=activation, rng=rng, dtype=dtype)
 
     def forward(self, x):
-        x = np.asarray(x)
-        if x.ndim != 3:
-            raise ValueError(f"TransformerBlock expects x of shape (batch, seq, d_model={self.d_model}), "
-                             f"got shape {x.shape}")
-        x = self._check_input(x, self.d_model)
+        x = self._check_input(x, self.d_model, sequence=True)
         h = x + self.attn(self.ln1(x))
         return h + self.mlp(self.ln2(h))          # nothing of its own to _store
 

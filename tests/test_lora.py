@@ -867,3 +867,13 @@ def test_merge_lora_names_the_layer_that_cannot_be_merged(rng):
     with pytest.raises(ValueError, match=r"merge_lora: layer 'fc2' cannot be merged, model left "
                                          r"unchanged: LoRALinear.merge: expected W \+ ΔW to be finite"):
         merge_lora(mlp)
+
+
+def test_merging_between_forward_and_backward_is_refused(rng):
+    """merge() changes W in place, and the pending forward's cache refers to W: backward would
+    compute dX with the merged weight (it used to, silently)."""
+    layer = randomize(LoRALinear(Linear(6, 5, rng=rng), r=2, alpha=3.0, rng=rng), rng)
+    y = layer(rng.standard_normal((2, 6)))
+    layer.merge()
+    with pytest.raises(ValueError, match=r"the layer is merged .*call unmerge\(\) before training"):
+        layer.backward(np.ones_like(y))
