@@ -39,6 +39,22 @@ def _pngs(folder):
     return sorted(p.name for p in pathlib.Path(folder).glob("*.png"))
 
 
+@pytest.fixture
+def fake_figures(monkeypatch):
+    """Replace the drawing by empty files with the figures' names (the tests that use it check
+    where the figures go, not what they show)."""
+    import lora_np.plots
+
+    def save_figures(result, out_dir, prefix=""):
+        out = pathlib.Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {key: out / (prefix + name) for key, name in lora_np.plots.FIGURE_NAMES.items()}
+        for path in paths.values():
+            path.write_bytes(b"")
+        return paths
+    monkeypatch.setattr(lora_np.plots, "save_figures", save_figures)
+
+
 # --------------------------------------------------------------------------- output and exit status
 
 
@@ -70,7 +86,7 @@ def test_a_failed_claim_exits_1(monkeypatch, capsys):
     assert "claims failed" in captured.err
 
 
-def test_out_is_used_for_any_run(tmp_path, monkeypatch, capsys):
+def test_out_is_used_for_any_run(tmp_path, monkeypatch, capsys, fake_figures):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "QUICK_STEPS", 20)
     main(["--quick", "--ranks", "2", "--out", "mine", "--quiet"])
@@ -130,7 +146,7 @@ def test_default_run_rewrites_the_committed_figures(default_sweep, tmp_path, mon
 
 
 def test_attention_run_passes_its_claims_and_writes_to_scratch(default_attention_sweep, tmp_path,
-                                                                monkeypatch, capsys):
+                                                                monkeypatch, capsys, fake_figures):
     """`--model attention` printed a ✗ and exited 0 (and wrote over figures/ too)."""
     def fake_attention_sweep(ranks, true_rank, seed, settings, verbose):
         assert (tuple(ranks), true_rank, seed) == (DEFAULT_RANKS, 4, 0)
