@@ -46,8 +46,9 @@ from .lora import add_lora
 from .machine import MachineLoad, allocator_setting, machine_info, minor_faults
 from .modules import MLP, MultiHeadAttention
 from .optim import Adam
+from .train import train_step
 
-__all__ = ["BenchConfig", "BenchRow", "build", "train_step", "run_group", "run", "configs",
+__all__ = ["BenchConfig", "BenchRow", "build", "run_group", "run", "configs",
            "format_table", "markdown_table", "target_summary", "parse_args", "output_dir", "main",
            "SEQUENCE_LENGTH", "FIGURES_DIR", "SCRATCH_DIR"]
 
@@ -147,15 +148,6 @@ def build(config: BenchConfig):
     x = rng.standard_normal(shape).astype(dtype)
     target = rng.standard_normal(shape).astype(dtype)
     return model, Adam(model, lr=1e-3), x, target
-
-
-def train_step(model, opt, x, target) -> float:
-    """One training step: zero grads, forward, MSE loss, backward, Adam step. Returns the loss."""
-    model.zero_grad()
-    loss, dy = F.mse_loss(model(x), target)
-    model.backward(dy)
-    opt.step()
-    return loss
 
 
 # ------------------------------------------------------------------------------ the timing loop
