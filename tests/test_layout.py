@@ -20,7 +20,7 @@ LAYERS = {
     "gradcheck": 3.5,           # checks modules and LoRA layers (local imports in its cases)
     "tasks": 4, "text": 4,
     "train": 5,
-    "experiments": 6, "variants": 6,
+    "experiments": 6, "variants": 6, "fair": 6, "text_experiment": 6,
     "plots": 7,
     "__main__": 8, "bench": 8, "pretrain": 8, "assignments": 8,
 }
