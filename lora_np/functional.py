@@ -31,6 +31,7 @@ import numpy as np
 
 __all__ = [
     "linear_forward", "linear_backward",
+    "embedding_forward", "embedding_backward", "lora_embedding_forward", "lora_embedding_backward",
     "lora_delta_weight", "lora_linear_forward", "lora_linear_backward",
     "relu_forward", "relu_backward", "gelu_forward", "gelu_backward",
     "tanh_forward", "tanh_backward", "ACTIVATIONS",
@@ -117,6 +118,127 @@ def linear_backward(dy, cache: LinearCache, need_dW=True, need_db=True):
     dW = _weight_grad(dy, x) if need_dW else None
     db = _sum_rows(dy) if has_bias and need_db else None
     return dx, dW, db
+
+
+# -------------------------------------------------------------------------- embedding
+#
+# An embedding is a linear layer whose input is one-hot: with ``e_v`` the v-th unit vector of
+# length V, ``W[v] = e_vᵀ W``. So its forward is a row lookup instead of a GEMM, and its
+# backward ``dW = Σ_n e_{idx_n} G_nᵀ`` is a scatter-add of the rows of G into the rows they
+# came from — a row looked up k times collects k gradients.
+
+
+def _scatter_add_rows(idx, rows, V):
+    """``out[v] = Σ_{n : idx_n = v} rows[n]``: idx (N,) ints in [0, V), rows (N, k) -> (V, k).
+
+    The same sums as ``np.add.at(out, idx, rows)`` (repeated indices add up), computed by
+    sorting: a stable sort groups the rows of each index, one ``np.add.reduceat`` sums each
+    group, and the sums are written to their rows (indices that never occur get 0). Several
+    times faster than ``np.add.at`` on (N, k) rows; exact up to the order of the additions.
+    """
+    out = np.zeros((V, rows.shape[1]), dtype=rows.dtype)
+    if idx.size == 0:
+        return out
+    order = np.argsort(idx, kind="stable")
+    sorted_idx = idx[order]
+    starts = np.flatnonzero(np.r_[True, sorted_idx[1:] != sorted_idx[:-1]])   # first row of each group
+    out[sorted_idx[starts]] = np.add.reduceat(rows[order], starts, axis=0)
+    return out
+
+
+class EmbeddingCache(NamedTuple):
+    idx: np.ndarray        # (...) integer ids in [0, V)
+    V: int                 # number of rows of W (num_embeddings)
+
+
+def embedding_forward(idx, W):
+    """Row lookup ``Y[...] = W[idx[...]]``, i.e. ``Y = onehot(idx) W``.
+
+    Parameters
+    ----------
+    idx : (...) integer ids in [0, V) (not checked here: the module checks them, since NumPy
+          would read a negative id from the end of W)
+    W : (V, d)   one row per id (PyTorch ``nn.Embedding.weight`` layout)
+
+    Returns
+    -------
+    y : (..., d)   a fresh array (fancy indexing copies)
+    cache : EmbeddingCache
+    """
+    return W[idx], EmbeddingCache(idx, W.shape[0])
+
+
+def embedding_backward(dy, cache: EmbeddingCache):
+    """Gradient of the lookup with ``G = dL/dY`` (..., d)::
+
+        dW = onehot(idx)ᵀ G,   i.e.   dW[v] = Σ_{n : idx_n = v} G_n      (V, d)
+
+    a scatter-add: an id that occurs k times gets the sum of its k rows of G; an id that does
+    not occur gets 0. There is no input gradient (the ids are integers). Returns ``dW``.
+    """
+    idx, V = cache
+    return _scatter_add_rows(idx.reshape(-1), _rows(dy), V)
+
+
+class LoRAEmbeddingCache(NamedTuple):
+    idx: np.ndarray        # (...) integer ids in [0, V)
+    H: np.ndarray          # (..., r)  H = A[:, idx]ᵀ, the LoRA branch's lookup
+    B: np.ndarray          # (d, r)
+    V: int                 # number of rows of W
+    scale: float
+
+
+def lora_embedding_forward(idx, W, A, B, scale):
+    """LoRA on an embedding (loralib's and PEFT's layout): frozen ``W`` (V, d) plus ``s (B A)ᵀ``::
+
+        Y = W[idx] + s · H Bᵀ,    H = A[:, idx]ᵀ = (Aᵀ)[idx]      (..., r)
+
+    The embedding is a linear layer on a one-hot input ``e_idx``: its weight in the
+    (d_out, d_in) layout is ``Wᵀ`` (d, V), and LoRA's ``ΔWᵀ = s B A`` with ``A`` (r, V) and
+    ``B`` (d, r) is the usual update of that weight, and the branch's ``X Aᵀ = e_idxᵀ Aᵀ =
+    A[:, idx]ᵀ`` is a lookup too. The table's update is ``ΔW = s (B A)ᵀ`` (V, d)
+    (``lora_delta_weight(A, B, s).T``) — never formed here.
+
+    Parameters
+    ----------
+    idx : (...) integer ids in [0, V)
+    W : (V, d) frozen;   A : (r, V);   B : (d, r);   scale : float (s)
+
+    Returns
+    -------
+    y : (..., d);   cache : LoRAEmbeddingCache
+    """
+    s = _as_scalar(scale, W.dtype)
+    H = A.T[idx]                                  # (..., r): column idx of A, one row per id
+    y = W[idx]                                    # (..., d)  frozen path, a fresh array
+    y += _matmul_rows(H * s, B.T)                 # (..., r) @ (r, d) -> (..., d)
+    return y, LoRAEmbeddingCache(idx, H, B, W.shape[0], scale)
+
+
+def lora_embedding_backward(dy, cache: LoRAEmbeddingCache, need_dW=False):
+    """Gradients of the LoRA embedding, with ``G = dL/dY`` (..., d) and ``H = A[:, idx]ᵀ``::
+
+        dB = s Gᵀ H                                     (d, r)
+        dA = (scatter_add(idx, s G B))ᵀ,  i.e.  dA[:, v] = s Σ_{n : idx_n = v} Bᵀ G_n     (r, V)
+
+    the LoRA linear layer's ``dB = s Gᵀ X Aᵀ`` and ``dA = s (G B)ᵀ X`` with a one-hot X, so
+    every product with X is a lookup or a scatter-add. Equivalently, ``dA = s Bᵀ (dL/dW)ᵀ``
+    and ``dB = s (dL/dW)ᵀ Aᵀ`` with the table's gradient ``dL/dW`` (V, d), which is not formed.
+
+    Returns ``(dA, dB)``, or ``(dA, dB, dW)`` with ``need_dW`` (the frozen table trained too,
+    after ``unfreeze()``): ``dW = embedding_backward``'s scatter-add of G (V, d).
+    """
+    idx, H, B, V, scale = cache
+    s = _as_scalar(scale, dy.dtype)
+    G2, ids = _rows(dy), idx.reshape(-1)
+    dB = G2.T @ _rows(H)                          # (d, N) @ (N, r) -> (d, r)
+    dB *= s
+    sGB = G2 @ B                                  # (N, d) @ (d, r) -> (N, r)
+    sGB *= s
+    dA = _scatter_add_rows(ids, sGB, V).T         # (V, r) -> (r, V)
+    if not need_dW:
+        return dA, dB
+    return dA, dB, _scatter_add_rows(ids, G2, V)
 
 
 # ------------------------------------------------------------------------ LoRA linear

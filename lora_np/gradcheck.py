@@ -130,6 +130,10 @@ def check_gradients(module, x, threshold=DEFAULT_THRESHOLD, seed=0, h=1e-6, chec
     and max |numerical| ≤ 1e-7, and shows the max absolute error instead of a relative one.
     A failed row says why in ``reason``.
 
+    ``x`` is a float array (integers are promoted to float64) — except with
+    ``check_input=False``, where an integer ``x`` stays integer: token ids for an
+    ``Embedding`` or a ``LanguageModel``, which have no input gradient to check.
+
     Raises TypeError for a module that is not a float64 lora_np Module, and ValueError for one
     that cannot be checked: in eval mode, with dropout > 0 in training mode, or with a forward
     that is not a deterministic function of ``x`` (see the module docstring).
@@ -139,7 +143,7 @@ def check_gradients(module, x, threshold=DEFAULT_THRESHOLD, seed=0, h=1e-6, chec
     h = check_number("h", h, positive=True)
     seed = check_int("seed", seed, minimum=0)
     check_input = check_bool("check_input", check_input)
-    x = np.array(check_float_array("x", x), dtype=np.float64)   # own copy: the checker perturbs it
+    x = _own_input(x, check_input)
     _check_checkable(module)
     rng = np.random.default_rng(seed)
     y = _repeatable_forward(module, x)
@@ -158,6 +162,18 @@ def check_gradients(module, x, threshold=DEFAULT_THRESHOLD, seed=0, h=1e-6, chec
             for name, arr in targets.items()]
     module.forward(x)          # leave a fresh forward state, as after a normal forward
     return rows
+
+
+def _own_input(x, check_input):
+    """The checker's own copy of ``x`` (it perturbs it): float64 — or, with
+    ``check_input=False``, an integer array kept as integers (token ids, which have no
+    gradient and must not become floats)."""
+    arr = np.asarray(x)
+    if not check_input and arr.dtype.kind in "iu":
+        if arr.size == 0:
+            raise ValueError(f"x must be a non-empty array, got shape {arr.shape}")
+        return arr.copy()
+    return np.array(check_float_array("x", x), dtype=np.float64)
 
 
 def _check_checkable(module):

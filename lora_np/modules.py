@@ -24,8 +24,8 @@ import numpy as np
 from . import functional as F
 from .validate import check_bool, check_choice, check_dtype, check_int, check_number
 
-__all__ = ["Module", "Linear", "LayerNorm", "MLP", "MultiHeadAttention", "TransformerBlock",
-           "make_rng", "no_grad"]
+__all__ = ["Module", "Linear", "Embedding", "ModuleList", "LayerNorm", "MLP", "MultiHeadAttention",
+           "TransformerBlock", "make_rng", "no_grad"]
 
 
 def make_rng(rng) -> np.random.Generator:
@@ -375,6 +375,20 @@ class Module:
                              f"{d_expected}, got shape {x.shape}")
         return x.astype(self.dtype, copy=False)
 
+    def _check_ids(self, idx, V: int):
+        """``idx`` as an integer array of ids in [0, V) (any shape): TypeError for a non-integer
+        dtype (bools included), ValueError naming the range for an id outside it — NumPy would
+        silently read a negative id from the end of the table."""
+        if not isinstance(idx, np.ndarray):
+            idx = np.asarray(idx)
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise TypeError(f"{type(self).__name__}: idx must be an integer array of ids, got dtype "
+                            f"{idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= V):
+            raise ValueError(f"{type(self).__name__}: ids must lie in [0, {V}), got ids in "
+                             f"[{idx.min()}, {idx.max()}]")
+        return idx
+
     def known_zero_gradients(self) -> set[str]:
         """Dotted names of parameters whose true gradient is exactly zero for every input
         (see ``MultiHeadAttention``). The gradient checker checks these are zero instead."""
@@ -441,6 +455,72 @@ class Linear(Module):
 
     def extra_repr(self):
         return f"d_in={self.d_in}, d_out={self.d_out}, bias={self.bias is not None}, dtype={self.dtype}"
+
+
+class Embedding(Module):
+    """A lookup table: ``y = W[idx]``;  W (num_embeddings, d_model), idx (...) ints -> y (..., d_model).
+
+    The same as a bias-free ``Linear`` applied to one-hot inputs (``W[v] = e_vᵀ W``), without
+    forming them: the forward is a row lookup and the backward a scatter-add
+    (``functional.embedding_forward`` / ``embedding_backward``). ``backward(dout)`` returns
+    None: integer ids have no gradient.
+
+    Init: ``W ~ N(0, std²)``; ``std=1.0`` is PyTorch's ``nn.Embedding`` default (unit-scale
+    rows, the scale ``Linear``'s init keeps activations at). ``LanguageModel`` picks its own.
+    """
+
+    def __init__(self, num_embeddings, d_model, rng=None, dtype=np.float64, std=1.0):
+        super().__init__()
+        self.num_embeddings = check_int("num_embeddings", num_embeddings, minimum=1)
+        self.d_model = check_int("d_model", d_model, minimum=1)
+        self.dtype = check_dtype("dtype", dtype)
+        std = check_number("std", std, positive=True)
+        W = make_rng(rng).standard_normal((self.num_embeddings, self.d_model)) * std
+        self.add_parameter("W", W.astype(self.dtype))
+
+    def forward(self, idx):
+        idx = self._check_ids(idx, self.num_embeddings)
+        y, cache = F.embedding_forward(idx, self.W)
+        self._store(cache, y.shape)          # the ids are kept even when W is frozen (cheap)
+        return y
+
+    def backward(self, dout):
+        cache, dout = self._check_backward(dout)
+        if "W" in self._grads:               # frozen W: nothing to compute at all
+            self._accumulate("W", F.embedding_backward(dout, cache))
+        return None
+
+    def extra_repr(self):
+        return f"num_embeddings={self.num_embeddings}, d_model={self.d_model}, dtype={self.dtype}"
+
+
+class ModuleList(Module):
+    """An ordered container: ``ModuleList([m0, m1, ...])`` has children named ``"0"``, ``"1"``, …,
+    so a model holding it as ``self.blocks`` names them ``blocks.0``, ``blocks.1`` (and LoRA
+    targets read ``"blocks.1.attn.q_proj"``). ``len``, indexing and iteration give the modules;
+    it has no forward of its own (the owner calls the modules in order)."""
+
+    def __init__(self, modules=()):
+        super().__init__()
+        for i, m in enumerate(modules):
+            if not isinstance(m, Module):
+                raise TypeError(f"ModuleList holds lora_np Modules, got {type(m).__name__} at index {i}")
+            setattr(self, str(i), m)
+
+    def __len__(self):
+        return len(self._children)
+
+    def __getitem__(self, i):
+        i, n = check_int("index", i), len(self)
+        if not -n <= i < n:
+            raise IndexError(f"ModuleList index must be in [{-n}, {n}), got {i}")
+        return self._children[str(i % n)]
+
+    def __iter__(self):
+        return iter([self._children[str(i)] for i in range(len(self))])
+
+    def extra_repr(self):
+        return f"len={len(self)}"
 
 
 class LayerNorm(Module):
