@@ -203,7 +203,7 @@ def _check_seeds(name: str, seeds) -> tuple:
     return seeds
 
 
-def _call(name: str, fn: Callable, lr: float, seed: int, verbose: bool) -> Run:
+def _call(name: str, fn: Callable, lr: float, seed: int) -> Run:
     """``fn(lr, seed)`` as a Run (a divergence becomes a diverged Run), timed."""
     t0 = time.perf_counter()
     try:
@@ -213,14 +213,73 @@ def _call(name: str, fn: Callable, lr: float, seed: int, verbose: bool) -> Run:
     if not isinstance(run, Run):
         raise TypeError(f"method {name!r} must return a lora_np.fair.Run, got {type(run).__name__}")
     run.seconds = time.perf_counter() - t0
-    if verbose:
-        what = "diverged" if run.diverged else f"validation {run.validation:.4f}"
-        print(f"fair: {name}: lr {lr:.3g}, seed {seed}: {what} ({run.seconds:.1f} s)",
-              file=sys.stderr, flush=True)
     return run
 
 
-def compare(methods: dict, lrs, seeds, *, verbose: bool = False) -> FairResult:
+#: the methods of the ``compare`` call in progress, for its worker processes: they are forked
+#: from this process and find the functions here (closures cannot be sent to a process)
+_WORKER_METHODS: dict = {}
+
+
+def _call_in_worker(name: str, lr: float, seed: int) -> Run:
+    return _call(name, _WORKER_METHODS[name], lr, seed)
+
+
+class _Runner:
+    """Runs a batch of independent calls (name, lr, seed), in this process or in ``workers``
+    forked processes, and reports each finished run (with a count and a time estimate) on
+    stderr when ``verbose``."""
+
+    def __init__(self, methods: dict, workers: int, total: int, verbose: bool):
+        self.methods, self.workers, self.total, self.verbose = methods, workers, total, verbose
+        self.done, self.t0, self.pool = 0, time.perf_counter(), None
+
+    def __enter__(self):
+        if self.workers > 1:
+            import concurrent.futures
+            import multiprocessing
+            _WORKER_METHODS.clear()
+            _WORKER_METHODS.update(self.methods)
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("fork"))
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            _WORKER_METHODS.clear()
+
+    def run(self, calls: list) -> list:
+        """The Runs of ``calls`` [(name, lr, seed), …], in the order given."""
+        if self.pool is None:
+            return [self._report(c, _call(c[0], self.methods[c[0]], c[1], c[2])) for c in calls]
+        import concurrent.futures
+        futures = {self.pool.submit(_call_in_worker, *c): i for i, c in enumerate(calls)}
+        out = [None] * len(calls)
+        for f in concurrent.futures.as_completed(futures):
+            i = futures[f]
+            out[i] = self._report(calls[i], f.result())
+        return out
+
+    def _report(self, call, run: Run) -> Run:
+        self.done += 1
+        if self.verbose:
+            name, lr, seed = call
+            elapsed = time.perf_counter() - self.t0
+            left = elapsed / self.done * (self.total - self.done)
+            what = "diverged" if run.diverged else f"validation {run.validation:.4f}"
+            print(f"fair [{self.done}/{self.total}, {_clock(elapsed)} elapsed, ~{_clock(left)} left]: "
+                  f"{name}: lr {lr:.3g}, seed {seed}: {what} ({run.seconds:.1f} s)",
+                  file=sys.stderr, flush=True)
+        return run
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}:{s:02d}"
+
+
+def compare(methods: dict, lrs, seeds, *, workers: int = 1, verbose: bool = False) -> FairResult:
     """Run the protocol (see the module docstring) on ``methods``.
 
     Parameters
@@ -235,8 +294,14 @@ def compare(methods: dict, lrs, seeds, *, verbose: bool = False) -> FairResult:
         The seeds, shared or per method (e.g. three seeds for a headline table, one for the
         rest). Every method's first seed must be the same: it is the seed the learning rates
         are chosen with, so that every grid run of every method sees the same batches.
+    workers : int
+        Processes that run the calls: 1 runs them here, one after the other; more fork that
+        many worker processes (Linux, macOS), which first run every grid call, then every
+        further seed. Each run is the same as in this process (the same seed gives the same
+        batches and init), so the results do not depend on ``workers``; their wall times do.
     verbose : bool
-        One line per run on stderr (method, lr, seed, validation metric, seconds).
+        One line per finished run on stderr (how many of how many, time elapsed and an
+        estimate of the time left, the method, lr, seed, validation metric and seconds).
 
     Returns
     -------
@@ -254,6 +319,7 @@ def compare(methods: dict, lrs, seeds, *, verbose: bool = False) -> FairResult:
         if not isinstance(name, str) or not callable(fn):
             raise TypeError(f"methods must map names (str) to functions fn(lr, seed) -> Run; got "
                             f"{name!r} -> {fn!r}")
+    workers = check_int("workers", workers, minimum=1)
     names = list(methods)
     grids = _per_method("lrs", lrs, names, _check_lrs)
     seed_lists = _per_method("seeds", seeds, names, _check_seeds)
@@ -262,22 +328,33 @@ def compare(methods: dict, lrs, seeds, *, verbose: bool = False) -> FairResult:
         raise ValueError(f"every method's first seed must be the same (it chooses the learning "
                          f"rates on the same batches), got {firsts}")
     t0 = time.perf_counter()
+    first = next(iter(firsts.values()))
+    grid_calls = [(n, lr, first) for n in names for lr in grids[n]]
+    total = len(grid_calls) + sum(len(s) - 1 for s in seed_lists.values())
+    with _Runner(methods, workers, total, verbose) as runner:
+        grid_runs = dict(zip(grid_calls, runner.run(grid_calls)))
+        chosen = {}
+        for name in names:
+            finite = {lr: grid_runs[name, lr, first].validation for lr in grids[name]
+                      if not grid_runs[name, lr, first].diverged
+                      and math.isfinite(grid_runs[name, lr, first].validation)}
+            if not finite:
+                raise ValueError(f"method {name!r} diverged at every learning rate of its grid "
+                                 f"{grids[name]}; try smaller rates")
+            chosen[name] = min(finite, key=finite.get)        # first of equals: grid order
+        seed_calls = [(n, chosen[n], s) for n in names for s in seed_lists[n][1:]]
+        seed_runs = dict(zip(seed_calls, runner.run(seed_calls)))
     outcomes = {}
     for name in names:
-        fn, first = methods[name], seed_lists[name][0]
-        grid = {lr: _call(name, fn, lr, first, verbose) for lr in grids[name]}
-        finite = {lr: r.validation for lr, r in grid.items() if not r.diverged and math.isfinite(r.validation)}
-        if not finite:
-            raise ValueError(f"method {name!r} diverged at every learning rate of its grid "
-                             f"{grids[name]}; try smaller rates")
-        best = min(finite, key=finite.get)                  # first of equals: grid order
-        runs = [grid[best]] + [_call(name, fn, best, s, verbose) for s in seed_lists[name][1:]]
+        best = chosen[name]
+        grid = {lr: grid_runs[name, lr, first] for lr in grids[name]}
+        runs = [grid[best]] + [seed_runs[name, best, s] for s in seed_lists[name][1:]]
         keys = grid[best].held_out
         for r in runs:                                      # a diverged seed shows as inf
             if r.diverged and not r.held_out:
                 r.held_out = {k: math.inf for k in keys}
         outcomes[name] = MethodOutcome(name, best, grid, runs, seed_lists[name])
-    return FairResult(outcomes, next(iter(firsts.values())), time.perf_counter() - t0)
+    return FairResult(outcomes, first, time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------- reporting

@@ -93,7 +93,28 @@ def test_a_diverging_rate_loses_and_all_diverging_is_an_error():
 def test_verbose_prints_one_line_per_run(capsys):
     compare({"m": _quadratic(1e-2, 1e-2)}, (1e-3, 1e-2), seeds=(0, 1), verbose=True)
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and err[0].startswith("fair: m: lr 0.001, seed 0: validation")
+    assert len(err) == 3 and err[0].startswith("fair [1/3, 0:00 elapsed, ~0:00 left]: m: lr 0.001, seed 0: validation")
+    assert err[2].startswith("fair [3/3") and "lr 0.01, seed 1" in err[2]
+
+
+def _slow_method(lr, seed):
+    """Module level, deterministic: what a worker process computes must equal this process's."""
+    rng = np.random.default_rng([seed, int(round(1e6 * lr))])
+    return Run(validation=float(abs(np.log10(lr) + 2) + 0.01 * rng.random()),
+               held_out={"test": float(rng.random()), "pid_free": float(seed)}, details=rng.random(3))
+
+
+def test_worker_processes_give_the_same_result():
+    methods = {"a": _slow_method, "b": lambda lr, seed: _slow_method(lr * 10, seed)}     # a closure too
+    one = compare(methods, GRID, seeds=(0, 1, 2))
+    two = compare(methods, GRID, seeds=(0, 1, 2), workers=2)
+    for name in methods:
+        assert one[name].lr == two[name].lr
+        for r1, r2 in zip(one[name].runs + list(one[name].grid.values()),
+                          two[name].runs + list(two[name].grid.values())):
+            assert (r1.validation, r1.held_out) == (r2.validation, r2.held_out)
+            assert np.array_equal(r1.details, r2.details)
+    assert two["a"].lr == 1e-2 and two["b"].lr == 1e-3
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -108,6 +129,7 @@ def test_verbose_prints_one_line_per_run(capsys):
     (dict(seeds=(0, 0)), ValueError, "distinct seeds"),
     (dict(seeds=(0, 1.5)), TypeError, r"seeds\[1\]"),
     (dict(seeds=(-1,)), ValueError, "seeds"),
+    (dict(workers=0), ValueError, "workers"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(kwargs, error, match):
     calls = []
