@@ -6,14 +6,16 @@ forward/backward contract are in lora_np/README.md.
 """
 
 from . import functional
-from .lora import (DoRALinear, LoRALinear, add_lora, load_adapter, lora_layers, merge_lora, randomize_lora,
-                   save_adapter, unmerge_lora)
-from .modules import MLP, LayerNorm, Linear, Module, MultiHeadAttention, TransformerBlock, no_grad
+from .lora import (DoRALinear, LoRAEmbedding, LoRALinear, add_lora, load_adapter, lora_layers, merge_lora,
+                   randomize_lora, save_adapter, unmerge_lora)
+from .modules import (MLP, Embedding, LayerNorm, Linear, Module, ModuleList, MultiHeadAttention,
+                      TransformerBlock, no_grad)
 from .optim import SGD, Adam, loraplus_multipliers
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "Module", "Linear", "LayerNorm", "MLP", "MultiHeadAttention",
-           "TransformerBlock", "no_grad", "LoRALinear", "DoRALinear", "add_lora", "merge_lora",
+__all__ = ["functional", "Module", "Linear", "Embedding", "ModuleList", "LayerNorm", "MLP",
+           "MultiHeadAttention", "TransformerBlock", "no_grad", "LoRALinear", "DoRALinear",
+           "LoRAEmbedding", "add_lora", "merge_lora",
            "unmerge_lora", "save_adapter", "load_adapter", "lora_layers", "randomize_lora", "SGD",
            "Adam", "loraplus_multipliers"]

@@ -2,7 +2,10 @@
 
 * ``LoRALinear`` wraps a ``Linear``: ``Y = X Wᵀ + b + s (X Aᵀ) Bᵀ`` (Hu et al. 2021,
   arXiv 2106.09685, eq. 3, in the PyTorch ``(d_out, d_in)`` layout).
-* ``add_lora`` wraps chosen ``Linear`` children of any module tree and freezes the rest.
+* ``LoRAEmbedding`` wraps an ``Embedding``: ``Y = W[idx] + s A[:, idx]ᵀ Bᵀ``, ΔW = s (B A)ᵀ
+  (loralib's and PEFT's layout, A (r, V), B (d, r)).
+* ``add_lora`` wraps chosen ``Linear`` and ``Embedding`` children of any module tree and freezes
+  the rest.
 * ``merge_lora`` / ``unmerge_lora`` fold ΔW into W for inference (no extra latency) and back.
 * ``save_adapter`` / ``load_adapter`` store only A, B and the config in an ``.npz`` (never pickled).
 
@@ -22,10 +25,10 @@ import zipfile
 import numpy as np
 
 from . import functional as F
-from .modules import Linear, Module, make_rng
+from .modules import Embedding, Linear, Module, make_rng
 from .validate import check_bool, check_choice, check_int, check_number, check_probability
 
-__all__ = ["LoRALinear", "DoRALinear", "pissa_factors", "add_lora", "merge_lora", "unmerge_lora",
+__all__ = ["LoRALinear", "DoRALinear", "LoRAEmbedding", "pissa_factors", "add_lora", "merge_lora", "unmerge_lora",
            "save_adapter", "load_adapter", "lora_layers", "lora_scale", "randomize_lora", "INIT_SCHEMES"]
 
 INIT_SCHEMES = ("kaiming", "gaussian", "pissa")
@@ -77,7 +80,64 @@ def pissa_factors(W, r, scale):
     return A.astype(W.dtype), B.astype(W.dtype)
 
 
-class LoRALinear(Module):
+class _Adapter(Module):
+    """What every LoRA layer shares: a frozen ``W``, trainable factors ``adapter_names``, a
+    ``delta_weight()`` of W's shape, and merge/unmerge (``W ← W ± ΔW``). ``lora_layers`` finds
+    the layers by this class."""
+
+    #: the trainable arrays an adapter file stores
+    adapter_names = ("A", "B")
+    #: the config entries a saved adapter must share with the layer it is loaded into
+    _match_keys = ("r", "alpha", "rslora")
+
+    def delta_weight(self) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- merge / unmerge ----------------------------------------------------------------
+    def merge(self):
+        """``W ← W + ΔW`` in place, so inference costs one GEMM. A second merge does nothing
+        (with a warning). Raises ValueError, leaving W unchanged, if the result is not finite."""
+        if self.merged:
+            warnings.warn(f"{type(self).__name__}.merge: already merged; nothing to do", stacklevel=2)
+            return self
+        new_W, merge_norm = self._merged()
+        self.W[...] = new_W
+        object.__setattr__(self, "_merge_norm", merge_norm)
+        self.merged = True
+        return self
+
+    def _merged(self):
+        """What ``merge`` writes, checked and not yet written: ``(W + ΔW, None)`` (DoRALinear:
+        ``(W', n)``). ValueError if the merged weight is not finite. ``merge_lora`` runs it on
+        every layer before merging any."""
+        with np.errstate(over="ignore", invalid="ignore"):   # overflow is reported below, as an error
+            delta = self.delta_weight()
+            new_W = self.W + delta
+        if not np.all(np.isfinite(new_W)):
+            raise ValueError(f"{type(self).__name__}.merge: expected W + ΔW to be finite, got "
+                             f"non-finite entries (max |ΔW| = {np.abs(delta).max()}); W left unchanged")
+        return new_W, None
+
+    def unmerge(self):
+        """``W ← W − ΔW``: restores the frozen W₀ (up to rounding). No-op with a warning if not merged."""
+        if not self.merged:
+            warnings.warn(f"{type(self).__name__}.unmerge: not merged; nothing to do", stacklevel=2)
+            return self
+        self.W[...] = self._unmerged_W()
+        object.__setattr__(self, "_merge_norm", None)
+        self.merged = False
+        return self
+
+    def _unmerged_W(self) -> np.ndarray:
+        return self.W - self.delta_weight()
+
+    def _refuse_merged(self, kind):
+        if kind == "merged" or self.merged:       # merged since forward: the cache's W changed
+            raise ValueError(f"{type(self).__name__}.backward: the layer is merged (W holds the "
+                             "merged weight); call unmerge() before training, then forward again")
+
+
+class LoRALinear(_Adapter):
     """A ``Linear`` with frozen ``W`` (d_out, d_in), ``b`` and a trainable update ``s·B A``.
 
     Parameters
@@ -104,6 +164,7 @@ class LoRALinear(Module):
 
     #: the trainable arrays an adapter file stores (DoRALinear adds "m")
     adapter_names = ("A", "B")
+    _match_keys = ("r", "alpha", "rslora", "d_in", "d_out")
 
     def __init__(self, base, r, alpha, dropout=0.0, rslora=False, init="kaiming", rng=None):
         _validate_lora_args(base, r, alpha, dropout, rslora, init)
@@ -177,9 +238,7 @@ class LoRALinear(Module):
 
     def backward(self, dout):
         (kind, cache), dout = self._check_backward(dout)
-        if kind == "merged" or self.merged:       # merged since forward: the cache's W changed
-            raise ValueError(f"{type(self).__name__}.backward: the layer is merged (W holds the "
-                             "merged weight); call unmerge() before training, then forward again")
+        self._refuse_merged(kind)
         # after unfreeze() W, b train too: their gradients are asked for, not left at 0
         need_dW, need_db = "W" in self._grads, "b" in self._grads
         self._check_input_kept(cache.x, need_dW)
@@ -187,44 +246,6 @@ class LoRALinear(Module):
         for name, grad in zip(self._grad_names, grads):
             self._accumulate(name, grad)
         return dx
-
-    # --- merge / unmerge ----------------------------------------------------------------
-    def merge(self) -> "LoRALinear":
-        """``W ← W + ΔW`` in place, so inference costs one GEMM. A second merge does nothing
-        (with a warning). Raises ValueError, leaving W unchanged, if the result is not finite."""
-        if self.merged:
-            warnings.warn(f"{type(self).__name__}.merge: already merged; nothing to do", stacklevel=2)
-            return self
-        new_W, merge_norm = self._merged()
-        self.W[...] = new_W
-        object.__setattr__(self, "_merge_norm", merge_norm)
-        self.merged = True
-        return self
-
-    def _merged(self):
-        """What ``merge`` writes, checked and not yet written: ``(W + ΔW, None)`` (DoRALinear:
-        ``(W', n)``). ValueError if the merged weight is not finite. ``merge_lora`` runs it on
-        every layer before merging any."""
-        with np.errstate(over="ignore", invalid="ignore"):   # overflow is reported below, as an error
-            delta = self.delta_weight()
-            new_W = self.W + delta
-        if not np.all(np.isfinite(new_W)):
-            raise ValueError("LoRALinear.merge: expected W + ΔW to be finite, got non-finite entries "
-                             f"(max |ΔW| = {np.abs(delta).max()}); W left unchanged")
-        return new_W, None
-
-    def unmerge(self) -> "LoRALinear":
-        """``W ← W − ΔW``: restores the frozen W₀ (up to rounding). No-op with a warning if not merged."""
-        if not self.merged:
-            warnings.warn(f"{type(self).__name__}.unmerge: not merged; nothing to do", stacklevel=2)
-            return self
-        self.W[...] = self._unmerged_W()
-        object.__setattr__(self, "_merge_norm", None)
-        self.merged = False
-        return self
-
-    def _unmerged_W(self) -> np.ndarray:
-        return self.W - self.delta_weight()
 
     def config(self) -> dict:
         cfg = {"r": self.r, "alpha": self.alpha, "rslora": self.rslora, "d_in": self.d_in,
@@ -322,12 +343,95 @@ class DoRALinear(LoRALinear):
         return super().extra_repr() + f", dora=True, detach_norm={self.detach_norm}"
 
 
+class LoRAEmbedding(_Adapter):
+    """An ``Embedding`` with frozen table ``W`` (V, d) and a trainable update ``ΔW = s (B A)ᵀ``.
+
+    ``Y = W[idx] + s · A[:, idx]ᵀ Bᵀ`` with ``A`` (r, V) and ``B`` (d, r) — loralib's and PEFT's
+    layout (``lora_embedding_A``, ``lora_embedding_B``): the table is a linear layer on one-hot
+    inputs whose (d_out, d_in) weight is ``Wᵀ`` (d, V), and ``s B A`` is LoRA's update of that
+    weight (``functional.lora_embedding_forward``). ``B A`` is never formed in forward or backward.
+
+    Parameters
+    ----------
+    base : Embedding   the table to adapt; its ``W`` is shared, not copied
+    r : int            rank, 1 <= r <= min(num_embeddings, d_model)
+    alpha : float      > 0; ``s = alpha / r`` (or ``alpha / sqrt(r)`` with rslora)
+    rslora : bool
+    rng                for A's init (a Generator or an int seed; None means seed 0)
+
+    Init: ``B = 0`` and ``A ~ N(0, 1)``, lora_np's rule for every LoRA layer, so the adapted
+    table starts out *exactly* equal to the base. loralib and PEFT do it the other way round
+    for embeddings (``A = 0``, ``B ~ N(0, 1)``). Either works: the product is 0 at init, and the
+    zero factor still gets a gradient because the other one is not zero (here
+    ``dB = s Gᵀ A[:, idx]ᵀ``; theirs ``dA[:, v] = s Σ Bᵀ G_n``). N(0, 1) because ``A[:, idx]``
+    is itself a lookup — the branch's ``H = X Aᵀ`` with a one-hot X — so unit entries give H the
+    unit scale that ``LoRALinear``'s A gives ``X Aᵀ`` for unit-scale inputs.
+
+    No dropout (loralib and PEFT apply none to an embedding's branch either), no PiSSA and no
+    DoRA for embeddings. Attributes: ``W`` (frozen), ``A``, ``B``, ``scale``, ``merged``.
+    """
+
+    _match_keys = ("kind", "r", "alpha", "rslora", "num_embeddings", "d_model")
+
+    def __init__(self, base, r, alpha, rslora=False, rng=None):
+        if not isinstance(base, Embedding):
+            raise TypeError(f"LoRAEmbedding wraps an Embedding, got {type(base).__name__}")
+        lora_scale(alpha, r, rslora)                 # r >= 1 an int, alpha > 0, rslora a bool
+        r_max = min(base.num_embeddings, base.d_model)
+        if r > r_max:
+            raise ValueError(f"r must satisfy 1 <= r <= min(num_embeddings, d_model) = {r_max}, "
+                             f"got r={r}")
+        super().__init__()
+        self.num_embeddings, self.d_model, self.dtype = base.num_embeddings, base.d_model, base.dtype
+        self.r, self.alpha, self.rslora = int(r), float(alpha), bool(rslora)
+        self.scale = lora_scale(alpha, r, rslora)
+        self.merged = False
+        object.__setattr__(self, "_merge_norm", None)
+        A = make_rng(rng).standard_normal((self.r, self.num_embeddings)).astype(self.dtype)
+        self.add_parameter("W", base.W, trainable=False)            # shared with base, not copied
+        self.add_parameter("A", A)
+        self.add_parameter("B", np.zeros((self.d_model, self.r), dtype=self.dtype))
+
+    def delta_weight(self) -> np.ndarray:
+        """``ΔW = s (B A)ᵀ`` of shape (num_embeddings, d_model), the table's update
+        (``functional.lora_delta_weight`` transposed). Formed for merge and analysis only."""
+        return F.lora_delta_weight(self.A, self.B, self.scale).T
+
+    def forward(self, idx):
+        idx = self._check_ids(idx, self.num_embeddings)
+        if self.merged:                      # W already holds W + ΔW: a plain lookup
+            y, cache = F.embedding_forward(idx, self.W)
+            self._store(("merged", cache), y.shape)
+            return y
+        y, cache = F.lora_embedding_forward(idx, self.W, self.A, self.B, self.scale)
+        self._store(("lora", cache), y.shape)
+        return y
+
+    def backward(self, dout):
+        (kind, cache), dout = self._check_backward(dout)
+        self._refuse_merged(kind)
+        need_dW = "W" in self._grads         # after unfreeze() the table trains too
+        grads = F.lora_embedding_backward(dout, cache, need_dW=need_dW)
+        for name, grad in zip(("A", "B", "W"), grads):
+            self._accumulate(name, grad)
+        return None                          # integer ids have no gradient
+
+    def config(self) -> dict:
+        return {"kind": "embedding", "r": self.r, "alpha": self.alpha, "rslora": self.rslora,
+                "num_embeddings": self.num_embeddings, "d_model": self.d_model, "dora": False}
+
+    def extra_repr(self):
+        return (f"num_embeddings={self.num_embeddings}, d_model={self.d_model}, r={self.r}, "
+                f"alpha={self.alpha}, scale={self.scale:.4g}, merged={self.merged}")
+
+
 # ------------------------------------------------------------------------ model level
 
 
-def lora_layers(model: Module) -> dict[str, LoRALinear]:
-    """Dotted path -> LoRALinear for every adapted layer in ``model``."""
-    return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: Module) -> dict[str, LoRALinear | LoRAEmbedding]:
+    """Dotted path -> LoRA layer (``LoRALinear``, ``DoRALinear``, ``LoRAEmbedding``) for every
+    adapted layer in ``model``."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, _Adapter)}
 
 
 def randomize_lora(model: Module, rng=None, std: float = 0.5) -> Module:
@@ -361,34 +465,56 @@ def _resolve_targets(model: Module, targets) -> dict[str, Module]:
     if not targets:
         raise ValueError("add_lora: targets is empty; name at least one Linear layer")
     modules = dict(model.named_modules())
-    linear_paths = sorted(p for p, m in modules.items() if isinstance(m, (Linear, LoRALinear)) and p)
+    linear_paths = sorted(p for p, m in modules.items()
+                          if isinstance(m, (Linear, Embedding, _Adapter)) and p)
+    kinds = ("Linear or Embedding layers" if any(isinstance(m, (Embedding, LoRAEmbedding))
+                                                  for m in modules.values()) else "Linear layers")
     chosen = {}
     for t in targets:
         if not isinstance(t, str):
             raise TypeError(f"add_lora: target names are strings, got {t!r}")
         hits = [p for p in modules if p and (p == t or p.endswith("." + t))]
         if not hits:
-            raise ValueError(f"add_lora: unknown target {t!r}; the Linear layers of this model "
+            raise ValueError(f"add_lora: unknown target {t!r}; the {kinds} of this model "
                              f"are {linear_paths}")
         for p in hits:
             m = modules[p]
-            if isinstance(m, LoRALinear):
+            if isinstance(m, _Adapter):
                 raise ValueError(f"add_lora: layer {p!r} already has LoRA; adding it twice would "
                                  "stack two adapters")
-            if not isinstance(m, Linear):
+            if not isinstance(m, (Linear, Embedding)):
+                what = "not a Linear or an Embedding" if kinds != "Linear layers" else "not a Linear"
                 raise TypeError(f"add_lora: target {t!r} names {p!r}, a {type(m).__name__}, "
-                                f"not a Linear; Linear layers are {linear_paths}")
+                                f"{what}; {kinds} are {linear_paths}")
             chosen[p] = m
     return chosen
 
 
+def _embedding_kwargs(path, use_dora, lora_kwargs) -> dict:
+    """The ``add_lora`` options a ``LoRAEmbedding`` takes (rslora), after refusing the ones it
+    does not support for the embedding at ``path``: DoRA, dropout > 0, an init scheme."""
+    if use_dora:
+        raise ValueError(f"add_lora: {path!r} is an Embedding; DoRA on an embedding is not "
+                         "supported (use_dora=True adapts Linear layers only)")
+    if lora_kwargs.get("dropout", 0.0) != 0.0:
+        raise ValueError(f"add_lora: {path!r} is an Embedding, whose LoRA branch takes no dropout "
+                         f"(as in loralib and PEFT); got dropout={lora_kwargs['dropout']!r}")
+    if "init" in lora_kwargs:
+        raise ValueError(f"add_lora: {path!r} is an Embedding, whose LoRA init is fixed (B = 0, "
+                         f"A ~ N(0, 1)); init={lora_kwargs['init']!r} applies to Linear layers only")
+    return {k: v for k, v in lora_kwargs.items() if k == "rslora"}
+
+
 def add_lora(model: Module, targets, r: int, alpha: float, use_dora: bool = False,
              **lora_kwargs) -> Module:
-    """Wrap the named ``Linear`` layers of ``model`` in ``LoRALinear`` and freeze everything else.
+    """Wrap the named ``Linear`` layers of ``model`` in ``LoRALinear`` (and ``Embedding`` layers
+    in ``LoRAEmbedding``) and freeze everything else.
 
     ``targets``: names like ``"q_proj"`` (matches every layer with that last name) or dotted
-    paths like ``"attn.v_proj"``. ``lora_kwargs`` go to ``LoRALinear`` (dropout, rslora, init,
-    rng). ``use_dora=True`` wraps in ``DoRALinear`` instead (which also takes ``detach_norm``).
+    paths like ``"attn.v_proj"``, ``"blocks.1.attn.q_proj"``, ``"tok_emb"``. ``lora_kwargs`` go
+    to ``LoRALinear`` (dropout, rslora, init, rng); an Embedding takes rslora and rng only (a
+    dropout > 0 or an init with an Embedding target is refused). ``use_dora=True`` wraps in
+    ``DoRALinear`` instead (which also takes ``detach_norm``; not for Embedding targets).
     Everything is checked before anything changes, so a bad call leaves ``model`` as it
     was. Returns ``model`` (changed in place).
     """
@@ -399,11 +525,13 @@ def add_lora(model: Module, targets, r: int, alpha: float, use_dora: bool = Fals
     chosen = _resolve_targets(model, targets)
     rng = make_rng(lora_kwargs.pop("rng", None))
     # build every wrapper first (this validates r, alpha, ...) and only then change the model
-    wrapped = {p: cls(m, r, alpha, rng=rng, **lora_kwargs) for p, m in chosen.items()}
+    wrapped = {p: LoRAEmbedding(m, r, alpha, rng=rng, **_embedding_kwargs(p, use_dora, lora_kwargs))
+               if isinstance(m, Embedding) else cls(m, r, alpha, rng=rng, **lora_kwargs)
+               for p, m in chosen.items()}
     # freeze everything else, but not the factors of adapters added by an earlier add_lora call
     # (model.freeze() would silently stop training them)
     for _, m in model.named_modules():
-        keep = m.adapter_names if isinstance(m, LoRALinear) else ()
+        keep = m.adapter_names if isinstance(m, _Adapter) else ()
         for name in [n for n in m._params if n not in keep]:
             m._frozen.add(name)
             m._grads.pop(name, None)
@@ -542,7 +670,7 @@ def load_adapter(model: Module, path) -> Module:
         if m.merged:
             raise ValueError(f"load_adapter: layer {p!r} is merged; unmerge the model first")
         want = m.config()
-        for key in ("r", "alpha", "rslora", "d_in", "d_out"):
+        for key in m._match_keys:
             if saved[p].get(key) != want[key]:
                 raise ValueError(f"load_adapter: layer {p!r} was saved with {key}={saved[p].get(key)!r}, "
                                  f"the model has {key}={want[key]!r}")
@@ -550,11 +678,11 @@ def load_adapter(model: Module, path) -> Module:
             raise ValueError(f"load_adapter: layer {p!r} was saved with "
                              f"dora={saved[p].get('dora', False)!r}, the model has "
                              f"dora={want['dora']!r} (add_lora(..., use_dora=...))")
-        if "pissa" in (saved[p].get("init"), want["init"]):
+        if "pissa" in (saved[p].get("init"), want.get("init")):
             # a PiSSA adapter only applies on top of its residual base W_res = W − s·B₀A₀
-            if saved[p].get("init") != want["init"]:
+            if saved[p].get("init") != want.get("init"):
                 raise ValueError(f"load_adapter: layer {p!r} was saved with init={saved[p].get('init')!r}, "
-                                 f"the model has init={want['init']!r}; a PiSSA adapter applies only "
+                                 f"the model has init={want.get('init')!r}; a PiSSA adapter applies only "
                                  "to the residual weight of a layer built with init='pissa'")
             got, expect = want["W_res_norm"], saved[p].get("W_res_norm")
             if not isinstance(expect, (int, float)) or abs(got - expect) > 1e-6 * max(abs(expect), 1e-30):
