@@ -18,7 +18,9 @@ a reader meets them:
   leak of ΔW into the old task's inputs, the fixed-budget bars of Hu et al. Table 5;
 * ``delta_w``     — notebook 06: intruder dimensions, a full-rank change where LoRA is not enough;
 * ``variants``    — notebook 07 (``lora_np.variants``): rsLoRA, LoRA+, PiSSA, DoRA;
-* ``bench``       — the benchmark (``python -m lora_np.bench``).
+* ``bench``       — the benchmark (``python -m lora_np.bench``);
+* ``text``        — the real-text experiment (``python -m lora_np --task text``): loss vs rank,
+  the learning–forgetting plane, ΔW spectra against a random matrix, subspace similarity.
 
 The library below (analysis, experiments, counting, variants, …) never imports this package;
 ``lora_np.__main__`` and ``lora_np.bench`` do.
@@ -33,6 +35,8 @@ from .foundations import (plot_eckart_young, plot_fd_error_vs_h, plot_gradcheck_
 from .style import TEACHING_STYLE
 from .sweep import (FIGURE_NAMES, plot_delta_spectra, plot_loss_curves, plot_loss_vs_rank,
                     plot_param_counts, plot_subspace_similarity, save_figures)
+from .text import (TEXT_FIGURE_NAMES, plot_learning_forgetting, plot_text_delta_spectra, plot_text_loss_vs_rank,
+                   plot_text_subspace_similarity, save_text_figures)
 from .variants import (LOSS_FLOOR, plot_dora, plot_first_update_size, plot_loraplus, plot_pissa,
                        plot_rank_scaling)
 
@@ -51,4 +55,7 @@ __all__ = ["TEACHING_STYLE", "FIGURE_NAMES", "LOSS_FLOOR", "save_figures",
            # notebook 07
            "plot_first_update_size", "plot_rank_scaling", "plot_loraplus", "plot_pissa", "plot_dora",
            # benchmark
-           "plot_bench"]
+           "plot_bench",
+           # the real-text experiment
+           "TEXT_FIGURE_NAMES", "save_text_figures", "plot_text_loss_vs_rank", "plot_learning_forgetting",
+           "plot_text_delta_spectra", "plot_text_subspace_similarity"]
