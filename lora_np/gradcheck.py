@@ -297,9 +297,14 @@ def _randomize_norms(model, rng):
 
 def standard_cases():
     """(title, module, x) for every layer and block, full fine-tuning and LoRA (default, PiSSA
-    and DoRA init), each at a non-degenerate point: random non-zero B, scale ≠ 1, random biases."""
-    from .lora import DoRALinear, LoRALinear, add_lora, randomize_lora   # local: gradcheck is a leaf
-    from .modules import MLP, Linear, MultiHeadAttention, TransformerBlock
+    and DoRA init), each at a non-degenerate point: random non-zero B, scale ≠ 1, random biases;
+    then the embedding, its LoRA, and a tiny ``LanguageModel`` (every parameter, and LoRA on
+    every linear layer and the token embedding). Their ``x`` are integer token ids (every id
+    occurs, some several times): checked with ``check_input=False``, as ``main`` does."""
+    # local imports: gradcheck is a leaf
+    from .lora import DoRALinear, LoRAEmbedding, LoRALinear, add_lora, randomize_lora
+    from .modules import MLP, Embedding, Linear, MultiHeadAttention, TransformerBlock
+    from .text.model import LanguageModel
 
     rng = np.random.default_rng(0)
     cases = []
@@ -345,6 +350,26 @@ def standard_cases():
     blk = with_lora(TransformerBlock(8, 2, 12, rng=rng), ["q_proj", "v_proj", "fc1"], 2, 8.0)
     _randomize_norms(blk, rng)
     cases.append(("TransformerBlock + LoRA q,v,fc1 r=2", blk, rng.standard_normal((1, 3, 8))))
+
+    def token_ids(V, shape):
+        """ids of ``shape`` in which every id in [0, V) occurs and some occur again."""
+        ids = rng.integers(0, V, size=shape).reshape(-1)
+        ids[:V] = rng.permutation(V)
+        return rng.permutation(ids).reshape(shape)
+
+    cases.append(("Embedding (full)", Embedding(6, 4, rng=rng), token_ids(6, (3, 4))))
+    emb = LoRAEmbedding(Embedding(6, 4, rng=rng), r=2, alpha=3.0, rng=rng)
+    randomize_lora(emb, rng)
+    cases.append((f"LoRAEmbedding r=2 (scale {emb.scale:.2f})", emb, token_ids(6, (2, 5))))
+    tiny = dict(vocab_size=7, d_model=8, n_heads=2, n_layers=2, d_hidden=12, context=5)
+    lm = LanguageModel(**tiny, rng=rng)
+    _randomize_norms(lm, rng)
+    cases.append(("LanguageModel (full)", lm, token_ids(7, (2, 5))))
+    lm = LanguageModel(**tiny, rng=rng)
+    _randomize_norms(lm, rng)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "head", "tok_emb"]
+    cases.append(("LanguageModel + LoRA on every linear and tok_emb r=2",
+                  with_lora(lm, targets, 2, 5.0), token_ids(7, (2, 5))))
     return cases
 
 
@@ -359,8 +384,9 @@ def _parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m lora_np.gradcheck",
         description="Check every gradient of every layer and block of lora_np (full fine-tuning "
-                    "and LoRA, default/PiSSA/DoRA init) against centered finite differences in "
-                    "float64, print one table per case and a summary; exit 1 if any check fails.")
+                    "and LoRA, default/PiSSA/DoRA init), of the embedding and of a tiny language "
+                    "model, against centered finite differences in float64, print one table per "
+                    "case and a summary; exit 1 if any check fails.")
     parser.add_argument("--threshold", type=_threshold_arg, default=DEFAULT_THRESHOLD,
                         help="largest relative error a row may have and pass "
                              f"(default {DEFAULT_THRESHOLD:g})")
@@ -372,7 +398,8 @@ def main(argv=None) -> int:
     threshold = _parse_args(argv).threshold
     n_checks, n_zero, worst, failed = 0, 0, 0.0, []
     for title, module, x in standard_cases():
-        rows = check_gradients(module, x, threshold=threshold)
+        token_ids = np.issubdtype(np.asarray(x).dtype, np.integer)   # no input gradient to check
+        rows = check_gradients(module, x, threshold=threshold, check_input=not token_ids)
         print(format_table(rows, title=title))
         print()
         n_checks += len(rows)

@@ -351,6 +351,7 @@ def test_forward_and_backward_do_not_change_their_inputs(rng):
 def _float32_cases(rng):
     f = np.float32
     x = rng.standard_normal((2, 3, 4)).astype(f)
+    ids = np.array([[0, 2, 2], [4, 0, 1]])
     W, b = rng.standard_normal((5, 4)).astype(f), rng.standard_normal(5).astype(f)
     A, B = rng.standard_normal((2, 4)).astype(f), rng.standard_normal((5, 2)).astype(f)
     g, be = rng.standard_normal(4).astype(f), rng.standard_normal(4).astype(f)
@@ -364,11 +365,15 @@ def _float32_cases(rng):
         "softmax": (lambda: F.softmax_forward(x), F.softmax_backward),
         "attention": (lambda: F.attention_forward(x, x, x, causal=True), F.attention_backward),
         "layer_norm": (lambda: F.layer_norm_forward(x, g, be), F.layer_norm_backward),
+        "embedding": (lambda: F.embedding_forward(ids, W), F.embedding_backward),
+        # W (5, 4) as a table of 5 ids; A (2, 5), B (4, 2)
+        "lora_embedding": (lambda: F.lora_embedding_forward(ids, W, B.T, A.T, 1.7),
+                           lambda dy, c: F.lora_embedding_backward(dy, c, need_dW=True)),
     }
 
 
 @pytest.mark.parametrize("op", ["linear", "lora_linear", "relu", "gelu", "tanh", "softmax",
-                                "attention", "layer_norm"])
+                                "attention", "layer_norm", "embedding", "lora_embedding"])
 def test_float32_in_float32_out(rng, op):
     fwd, bwd = _float32_cases(rng)[op]
     out, cache = fwd()
@@ -445,3 +450,116 @@ def test_lora_linear_never_forms_B_times_A(rng):
     dx, dA, dB = F.lora_linear_backward(rng.standard_normal(y.shape), cache)
     y_plain, _ = F.lora_linear_forward(x, W, b, A0, B0, 1.5, mask)
     np.testing.assert_array_equal(np.asarray(y), y_plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding: a row lookup forward, a scatter-add backward
+# ---------------------------------------------------------------------------------------------
+
+#: ids with repeats (0 three times, 3 twice) and an id that never occurs (5), in several shapes
+_IDS = {"1d": np.array([0, 3, 0, 1, 3, 0]), "2d": np.array([[0, 3, 0], [1, 3, 4]]),
+        "3d": np.array([[[2], [2]], [[0], [4]]]), "scalar": np.array(3)}
+
+
+@pytest.mark.parametrize("ids", list(_IDS.values()), ids=list(_IDS))
+def test_embedding_gradient(rng, ids):
+    W = rng.standard_normal((6, 4))
+    y, cache = F.embedding_forward(ids, W)
+    assert y.shape == ids.shape + (4,)
+    dy = _dout(y)
+    dW = F.embedding_backward(dy, cache)
+    assert_grad_close("dW", dW, lambda: F.embedding_forward(ids, W)[0], W, dy)
+
+
+def test_embedding_backward_sums_repeated_ids_and_zeros_the_rest(rng):
+    ids = _IDS["2d"]
+    W = rng.standard_normal((6, 4))
+    y, cache = F.embedding_forward(ids, W)
+    np.testing.assert_array_equal(y, W[ids])
+    dy = rng.integers(-5, 5, size=y.shape).astype(np.float64)   # small integers: every sum is exact
+    dW = F.embedding_backward(dy, cache)
+    expected = np.zeros_like(W)
+    np.add.at(expected, ids.reshape(-1), dy.reshape(-1, 4))
+    np.testing.assert_array_equal(dW, expected)
+    np.testing.assert_array_equal(dW[0], dy[0, 0] + dy[0, 2])   # id 0 at two positions
+    np.testing.assert_array_equal(dW[3], dy[0, 1] + dy[1, 1])
+    np.testing.assert_array_equal(dW[[2, 5]], 0.0)               # ids that do not occur
+    # as the one-hot matmul it stands for: dW = onehot(ids)ᵀ G
+    onehot = np.eye(6)[ids.reshape(-1)]
+    np.testing.assert_array_equal(dW, onehot.T @ dy.reshape(-1, 4))
+
+
+def test_embedding_backward_matches_add_at_on_random_rows(rng):
+    ids = rng.integers(0, 50, size=(16, 33))
+    dy = rng.standard_normal((16, 33, 7))
+    _, cache = F.embedding_forward(ids, rng.standard_normal((50, 7)))
+    expected = np.zeros((50, 7))
+    np.add.at(expected, ids.reshape(-1), dy.reshape(-1, 7))
+    np.testing.assert_allclose(F.embedding_backward(dy, cache), expected, rtol=1e-13, atol=1e-13)
+
+
+def test_embedding_of_no_ids_has_a_zero_gradient(rng):
+    W = rng.standard_normal((3, 2))
+    y, cache = F.embedding_forward(np.zeros((0, 4), dtype=np.int64), W)
+    assert y.shape == (0, 4, 2)
+    np.testing.assert_array_equal(F.embedding_backward(np.zeros(y.shape), cache), np.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("ids", list(_IDS.values()), ids=list(_IDS))
+def test_lora_embedding_gradients(rng, ids):
+    V, d, r, s = 6, 4, 2, 1.7
+    W, A, B = rng.standard_normal((V, d)), rng.standard_normal((r, V)), rng.standard_normal((d, r))
+    y, cache = F.lora_embedding_forward(ids, W, A, B, s)
+    dy = _dout(y)
+    dA, dB, dW = F.lora_embedding_backward(dy, cache, need_dW=True)
+    f = lambda: F.lora_embedding_forward(ids, W, A, B, s)[0]      # noqa: E731
+    assert_grad_close("dA", dA, f, A, dy)
+    assert_grad_close("dB", dB, f, B, dy)
+    assert_grad_close("dW", dW, f, W, dy)
+    dA2, dB2 = F.lora_embedding_backward(dy, cache)                # the frozen table: no dW
+    np.testing.assert_array_equal(dA2, dA)
+    np.testing.assert_array_equal(dB2, dB)
+
+
+def test_lora_embedding_is_the_table_plus_s_BA_transposed(rng):
+    """Y = W[idx] + s·onehot(idx) (B A)ᵀ: the lookup of the merged table W + lora_delta_weight(A, B, s)ᵀ."""
+    ids = _IDS["2d"]
+    W, A, B = rng.standard_normal((6, 4)), rng.standard_normal((3, 6)), rng.standard_normal((4, 3))
+    y, _ = F.lora_embedding_forward(ids, W, A, B, 2.5)
+    merged = W + F.lora_delta_weight(A, B, 2.5).T
+    np.testing.assert_allclose(y, merged[ids], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(y, W[ids] + 2.5 * np.eye(6)[ids] @ (B @ A).T, rtol=1e-13, atol=1e-13)
+
+
+def test_lora_embedding_gradients_are_the_table_gradient_projected(rng):
+    """dA = s Bᵀ (dL/dW)ᵀ and dB = s (dL/dW)ᵀ Aᵀ with the table's gradient dL/dW (V, d)."""
+    ids = _IDS["1d"]
+    W, A, B = rng.standard_normal((6, 4)), rng.standard_normal((2, 6)), rng.standard_normal((4, 2))
+    y, cache = F.lora_embedding_forward(ids, W, A, B, 0.7)
+    dy = rng.standard_normal(y.shape)
+    dA, dB, dW = F.lora_embedding_backward(dy, cache, need_dW=True)
+    np.testing.assert_allclose(dA, 0.7 * B.T @ dW.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dB, 0.7 * dW.T @ A.T, rtol=1e-12, atol=1e-12)
+
+
+def test_embedding_ops_do_not_change_their_inputs(rng):
+    ids = _IDS["2d"]
+    W, A, B = rng.standard_normal((6, 4)), rng.standard_normal((2, 6)), rng.standard_normal((4, 2))
+    copies = [a.copy() for a in (ids, W, A, B)]
+    y, cache = F.lora_embedding_forward(ids, W, A, B, 3.0)
+    dy = rng.standard_normal(y.shape)
+    dy0 = dy.copy()
+    F.lora_embedding_backward(dy, cache, need_dW=True)
+    _, cache = F.embedding_forward(ids, W)
+    F.embedding_backward(dy, cache)
+    for a, c in zip((ids, W, A, B, dy), copies + [dy0]):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_lora_embedding_never_forms_B_times_A(rng):
+    ids = _IDS["2d"]
+    W, A0, B0 = rng.standard_normal((6, 4)), rng.standard_normal((2, 6)), rng.standard_normal((4, 2))
+    A, B = _Factor(A0, "A"), _Factor(B0, "B")
+    y, cache = F.lora_embedding_forward(ids, W, A, B, 1.5)
+    F.lora_embedding_backward(rng.standard_normal(y.shape), cache, need_dW=True)
+    np.testing.assert_array_equal(np.asarray(y), F.lora_embedding_forward(ids, W, A0, B0, 1.5)[0])

@@ -305,12 +305,21 @@ def test_standard_cases_are_non_degenerate():
     cases = gc.standard_cases()
     titles = [t for t, _, _ in cases]
     for needle in ("Linear", "LoRALinear r=1", "PiSSA init", "DoRALinear", "MLP gelu", "MLP tanh", "MLP relu", "causal=False",
-                   "causal=True", "TransformerBlock causal (full)", "TransformerBlock + LoRA"):
+                   "causal=True", "TransformerBlock causal (full)", "TransformerBlock + LoRA",
+                   "Embedding (full)", "LoRAEmbedding", "LanguageModel (full)",
+                   "LanguageModel + LoRA on every linear and tok_emb"):
         assert any(needle in t for t in titles), f"no standard case for {needle!r}"
     for title, model, x in cases:
         for path, m in lora_layers(model).items():
             assert np.all(m.B != 0), f"{title}: {path}.B has zeros"
             assert m.scale != 1.0, f"{title}: {path} has scale 1"
+        if np.issubdtype(x.dtype, np.integer):        # token ids: every id occurs, some repeat
+            V = getattr(model, "vocab_size", None) or model.num_embeddings
+            assert set(np.unique(x)) == set(range(V)) and x.size > V, title
+    lm = next(m for t, m, _ in cases if t.startswith("LanguageModel + LoRA"))
+    assert {type(m).__name__ for m in lora_layers(lm).values()} == {"LoRALinear", "LoRAEmbedding"}
+    assert "tok_emb" in lora_layers(lm) and "head" in lora_layers(lm)
+    assert len(lora_layers(lm)) == 1 + 6 * lm.n_layers + 1
 
 
 def test_python_m_lora_np_gradcheck_exits_0_and_prints_the_summary():
@@ -320,7 +329,8 @@ def test_python_m_lora_np_gradcheck_exits_0_and_prints_the_summary():
     m = re.search(r"^(\d+) gradients checked \((\d+) structural zeros\), worst relative error (\S+) "
                   r"\(threshold 1e-07\); 0 failed$", proc.stdout, re.M)
     assert m, proc.stdout[-500:]
-    assert int(m.group(1)) >= 50 and int(m.group(2)) == 3 and float(m.group(3)) <= 1e-7
+    # the key bias: one attention, two blocks ... and the tiny language model's two blocks
+    assert int(m.group(1)) >= 50 and int(m.group(2)) == 5 and float(m.group(3)) <= 1e-7
     # the key bias row is shown, marked =0 in the rel_error column (not in its name)
     assert re.search(r"^  k_proj\.b +\(8,\) +=0 +\S+ +\S+  yes$", proc.stdout, re.M)
     assert "(=0)" not in proc.stdout
@@ -377,3 +387,33 @@ def test_standard_cases_use_the_public_randomize_lora(monkeypatch):
     gc.standard_cases()
     assert not hasattr(gc, "_randomize_lora")
     assert calls.count("LoRALinear") == 2 and "DoRALinear" in calls and "MLP" in calls
+
+
+# ---------------------------------------------------------------------------------------------
+# integer inputs (token ids)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_integer_token_ids_are_kept_as_integers_without_an_input_check():
+    from lora_np import Embedding
+    emb = Embedding(5, 3, rng=0)
+    ids = np.array([[0, 4, 4], [1, 0, 2]])
+    rows = check_gradients(emb, ids, check_input=False)
+    assert [r.name for r in rows] == ["W"] and rows[0].passed
+    np.testing.assert_array_equal(ids, [[0, 4, 4], [1, 0, 2]])      # the caller's ids untouched
+    with pytest.raises(TypeError, match="idx must be an integer array of ids, got dtype float64"):
+        check_gradients(emb, ids)                  # with the input check, x becomes float64
+
+
+def test_integer_x_of_a_float_module_is_still_promoted(rng):
+    lin = Linear(3, 2, rng=0)
+    rows = check_gradients(lin, np.arange(6).reshape(2, 3))
+    assert {r.name for r in rows} == {"W", "b", "x"} and all(r.passed for r in rows)
+    with pytest.raises(TypeError, match="float array, got dtype int64"):
+        check_gradients(lin, np.arange(6).reshape(2, 3), check_input=False)
+
+
+def test_empty_integer_ids_raise():
+    from lora_np import Embedding
+    with pytest.raises(ValueError, match="x must be a non-empty array"):
+        check_gradients(Embedding(5, 3), np.zeros((0, 2), dtype=int), check_input=False)
