@@ -204,7 +204,7 @@ def main_text(args, argv) -> int:
     print("\nSamples, " + te.format_samples(result))
     print(f"\nexperiment: {result.seconds:.1f} s ({s.workers} worker processes)")
     if not args.no_figures:
-        default_run = is_default_text_run(s)
+        default_run = is_default_text_run(settings)      # the run asked for
         folder = figure_folder(args.out, default_run)
         import matplotlib                    # here, not at the top: --no-figures never imports it
         matplotlib.use("Agg")

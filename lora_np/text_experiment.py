@@ -60,7 +60,7 @@ from .train import train
 from .validate import check_int, check_number
 
 __all__ = ["PRETRAINED_PATH", "DEFAULT_RANKS", "LORA_TARGETS", "PLACEMENTS", "TextSettings",
-           "QUICK_SETTINGS", "MethodSpec", "TextRun", "TextResult", "method_specs",
+           "QUICK_SETTINGS", "MethodSpec", "TextData", "TextRun", "TextResult", "method_specs",
            "run_text_experiment", "format_text_table", "format_energy_ranks", "check_text_claims",
            "format_samples", "results_markdown", "Claim", "format_claims", "random_like"]
 
@@ -107,12 +107,12 @@ class TextSettings:
     checkpoint : the pretrained model's file
     """
     steps: int = 300
-    batch_size: int = 16
+    batch_size: int = 8
     ranks: tuple = DEFAULT_RANKS
     targets: tuple = LORA_TARGETS
     placement_rank: int = 8
     placements: tuple = tuple(PLACEMENTS)
-    lr_full: tuple = (3e-4, 1e-3)
+    lr_full: tuple = (1e-3, 3e-3)
     lr_lora: tuple = (3e-3, 1e-2)
     seeds: tuple = (0, 1, 2)
     headline_ranks: tuple = (1, 4, 16)
@@ -203,7 +203,7 @@ def method_specs(settings: TextSettings) -> dict:
 # --------------------------------------------------------------------------- data
 
 
-class _Data(NamedTuple):
+class TextData(NamedTuple):
     """The token ids every run reads (x, y pairs of (N, context) int arrays)."""
     train: tuple            # KJV train: every window (stride 1), a view of the ids
     val: tuple              # KJV validation slice (the learning rate is chosen on it)
@@ -218,15 +218,15 @@ def _even_rows(xy, n: int) -> tuple:
     return np.ascontiguousarray(x[rows]), np.ascontiguousarray(y[rows])
 
 
-def _load_data(tokenizer, context: int, settings: TextSettings) -> _Data:
+def _load_data(tokenizer, context: int, settings: TextSettings) -> TextData:
     kjv, austen = load_splits("kjv", tokenizer), load_splits("austen", tokenizer)
-    return _Data(train=windows(kjv.train, context, 1),
+    return TextData(train=windows(kjv.train, context, 1),
                  val=_even_rows(windows(kjv.val, context, context), settings.val_windows),
                  kjv_test=_even_rows(windows(kjv.test, context, context), settings.test_windows),
                  austen_test=_even_rows(windows(austen.test, context, context), settings.test_windows))
 
 
-def _held_out(model, data: _Data) -> dict:
+def _held_out(model, data: TextData) -> dict:
     return {KJV: lm_loss(model, *data.kjv_test), AUSTEN: lm_loss(model, *data.austen_test)}
 
 
@@ -255,7 +255,7 @@ class _CheckpointingAdam(Adam):
     (``(step, KJV, Austen)`` in ``points``) — full FT's checkpoints along its run. The time
     they take is kept in ``seconds`` so that it can be left out of ms/step."""
 
-    def __init__(self, model, lr, every: int, data: _Data):
+    def __init__(self, model, lr, every: int, data: TextData):
         super().__init__(model, lr)
         self.every, self.data, self.points, self.seconds = every, data, [], 0.0
 
@@ -275,7 +275,7 @@ def _new_model(base, spec: MethodSpec, seed: int):
     return model
 
 
-def _finetune(base, data: _Data, settings: TextSettings, spec: MethodSpec, lr: float, seed: int,
+def _finetune(base, data: TextData, settings: TextSettings, spec: MethodSpec, lr: float, seed: int,
               verbose: bool) -> Run:
     """Fine-tune a copy of ``base`` by ``spec`` at ``lr`` with ``seed``; the fair.Run of it."""
     model = _new_model(base, spec, seed)
@@ -330,7 +330,9 @@ class TextResult:
     settings : TextSettings;  specs : name -> MethodSpec;  fair : the ``fair.FairResult``
     (each run's ``details`` a ``TextRun``);  pretrained : the pretrained model's held-out
     losses {"kjv", "austen"} and its validation loss "kjv_val";  meta : the checkpoint's meta;
-    config : the model's config;  samples : label -> text;  seconds : wall time.
+    config : the model's config;  base, tokenizer : the pretrained model and its tokenizer;
+    data : the token windows every run read (train, val, kjv_test, austen_test: (x, y) pairs);
+    samples : label -> text;  seconds : wall time.
     """
     settings: TextSettings
     specs: dict
@@ -340,6 +342,7 @@ class TextResult:
     config: dict
     base: object
     tokenizer: object
+    data: TextData
     samples: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -472,7 +475,7 @@ def run_text_experiment(settings: TextSettings = TextSettings(), verbose: bool =
         return lambda lr, seed: _finetune(base, data, s, spec, lr, seed, verbose=not quiet_runs)
     result = compare({n: method(sp) for n, sp in specs.items()}, {n: sp.lrs for n, sp in specs.items()},
                      {n: sp.seeds for n, sp in specs.items()}, workers=s.workers, verbose=verbose)
-    out = TextResult(s, specs, result, pretrained, meta, config, base, tokenizer)
+    out = TextResult(s, specs, result, pretrained, meta, config, base, tokenizer, data)
     out.samples = _samples(out)
     out.seconds = time.perf_counter() - t0
     return out

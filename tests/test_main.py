@@ -224,3 +224,124 @@ def test_restarts_with_one_blas_thread_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
     cli._restart_with_one_blas_thread()
     assert calls == []
+
+
+# --------------------------------------------------------------------------- --task text
+
+
+def _text_args(argv):
+    return cli._text_settings(cli.parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv, default", [
+    (["--task", "text"], True),
+    (["--task", "text", "--quiet", "--workers", "1"], True),          # workers do not change results
+    (["--task", "text", "--ranks", "64,32,16,8,4,2,1"], True),
+    (["--task", "text", "--quick"], False),
+    (["--task", "text", "--ranks", "1,8"], False),
+    (["--task", "text", "--seed", "1"], False),
+])
+def test_only_the_default_text_run_is_the_default_text_run(argv, default):
+    assert cli.is_default_text_run(_text_args(argv)) is default
+
+
+def test_text_options_shape_the_settings():
+    from lora_np.text_experiment import QUICK_SETTINGS, TextSettings
+    s = _text_args(["--task", "text", "--ranks", "2,8,64", "--seed", "5", "--workers", "3"])
+    assert s.ranks == (2, 8, 64) and s.seeds == (5, 6, 7) and s.workers == 3
+    assert s.headline_ranks == () and s.sample_ranks == (8, 64) and s.similarity_ranks == (8, 64)
+    assert _text_args(["--task", "text", "--ranks", "1,4"]).similarity_ranks == (1, 4)
+    assert _text_args(["--task", "text", "--quick", "--workers", "1"]) == \
+        __import__("dataclasses").replace(QUICK_SETTINGS, workers=1)
+    assert _text_args(["--task", "text"]).steps == TextSettings().steps
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--task", "text", "--model", "attention"], "--model and --true-rank belong to --task synthetic"),
+    (["--task", "text", "--true-rank", "2"], "--model and --true-rank belong to --task synthetic"),
+    (["--task", "text", "--workers", "0"], "workers must be >= 1"),
+])
+def test_text_bad_arguments_exit_2(argv, match, capsys):
+    assert main(argv + ["--quiet", "--no-figures"]) == cli.EXIT_BAD_ARGUMENT
+    assert match in capsys.readouterr().err
+
+
+def test_text_missing_weights_exit_2(monkeypatch, tmp_path, capsys):
+    import dataclasses
+
+    import lora_np.text_experiment as te
+    monkeypatch.setattr(te, "QUICK_SETTINGS", dataclasses.replace(te.QUICK_SETTINGS, checkpoint=str(tmp_path / "x.npz")))
+    assert main(["--task", "text", "--quick", "--quiet", "--no-figures"]) == 2
+    assert "x.npz is missing; `python -m lora_np.pretrain` writes it" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_text_result(tmp_path_factory):
+    """The text experiment on a tiny random model (the real one runs in test_text_quick_run)."""
+    import dataclasses
+
+    import numpy as np
+
+    from lora_np.text.checkpoint import save_lm
+    from lora_np.text.corpus import corpus_tokenizer
+    from lora_np.text.model import LanguageModel
+    from lora_np.text_experiment import QUICK_SETTINGS, run_text_experiment
+    tok = corpus_tokenizer()
+    path = tmp_path_factory.mktemp("lm") / "tiny.npz"
+    save_lm(path, LanguageModel(tok.vocab_size, d_model=16, n_heads=2, n_layers=2, d_hidden=32, context=16,
+                                rng=0, dtype=np.float32), tok, {})
+    return run_text_experiment(dataclasses.replace(QUICK_SETTINGS, steps=2, batch_size=2, checkpoint=str(path),
+                                                   workers=1, val_windows=2, test_windows=2, sample_chars=5))
+
+
+def test_default_text_run_writes_the_committed_figures_and_results(tiny_text_result, tmp_path, monkeypatch, capsys):
+    import lora_np.text_experiment as te
+    from lora_np.plots import TEXT_FIGURE_NAMES
+
+    def fake_run(settings, verbose):
+        assert cli.is_default_text_run(settings) and verbose is False
+        return tiny_text_result
+    monkeypatch.setattr(te, "run_text_experiment", fake_run)
+    monkeypatch.chdir(tmp_path)
+    status = main(["--task", "text", "--quiet"])
+    out = capsys.readouterr().out
+    assert status == (0 if all(c.startswith("✓") for c in _claims(out)) else 1) and _claims(out)
+    assert _pngs(tmp_path / "figures") == sorted(TEXT_FIGURE_NAMES.values())
+    md = (tmp_path / "figures" / "text_results.md").read_text(encoding="utf-8")
+    assert "Written by `python -m lora_np --task text --quiet`" in md
+    assert not (tmp_path / "figures" / "scratch").exists()
+    assert "figures and results written to figures/:" in out
+    for word in ("KJV held-out", "Austen held-out", "validation metric at each lr", "90 % energy rank",
+                 "Samples, prompt"):
+        assert word in out
+
+
+def test_other_text_runs_write_to_scratch_or_out(tiny_text_result, tmp_path, monkeypatch, capsys):
+    import lora_np.text_experiment as te
+    monkeypatch.setattr(te, "run_text_experiment", lambda settings, verbose: tiny_text_result)
+    monkeypatch.chdir(tmp_path)
+    main(["--task", "text", "--quick", "--quiet"])
+    assert "text_results.md" in {p.name for p in (tmp_path / "figures" / "scratch").iterdir()}
+    assert _pngs(tmp_path / "figures") == []
+    assert "figures and results written to figures/scratch/ (not to figures/" in capsys.readouterr().out
+    main(["--task", "text", "--quick", "--quiet", "--out", "mine"])
+    assert len(_pngs(tmp_path / "mine")) == 4 and (tmp_path / "mine" / "text_results.md").exists()
+    (tmp_path / "none").mkdir()
+    monkeypatch.chdir(tmp_path / "none")
+    main(["--task", "text", "--quick", "--quiet", "--no-figures"])
+    assert list((tmp_path / "none").iterdir()) == []
+
+
+def test_text_quick_run(tmp_path):
+    """`python -m lora_np --task text --quick` on the committed pretrained model: ≤ 60 s, every
+    claim ✓, the figures and results page in --out, progress on stderr."""
+    done = subprocess.run([sys.executable, "-m", "lora_np", "--task", "text", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    claims = _claims(done.stdout)
+    assert claims and all(c.startswith("✓") for c in claims), "\n".join(claims)
+    total = float(done.stdout.strip().splitlines()[-1].split()[1])
+    assert total <= 60, f"--quick took {total:.1f} s"
+    from lora_np.plots import TEXT_FIGURE_NAMES
+    assert _pngs(tmp_path) == sorted(TEXT_FIGURE_NAMES.values()) and (tmp_path / "text_results.md").exists()
+    assert "fair [" in done.stderr and "left]" in done.stderr
