@@ -362,7 +362,9 @@ def compare(methods: dict, lrs, seeds, *, workers: int = 1, verbose: bool = Fals
 
 def format_grid(result: FairResult, fmt: str = ".4f") -> str:
     """The learning-rate search as text: one line per method, the validation metric at every
-    rate of its grid (first seed), the chosen one marked ``*``, a diverged one ``diverged``."""
+    rate of its grid (first seed), the chosen one marked ``*``, a diverged one ``diverged``; a
+    choice at the end of a grid of several rates is flagged, since a rate beyond it might have
+    been better still."""
     if not isinstance(result, FairResult):
         raise TypeError(f"result must be a FairResult, got {type(result).__name__}")
     width = max(len(n) for n in result.names)
@@ -373,5 +375,8 @@ def format_grid(result: FairResult, fmt: str = ".4f") -> str:
         for lr, r in o.grid.items():
             value = "diverged" if r.diverged else f"{r.validation:{fmt}}"
             cells.append(f"{lr:.0e}: {value}{'*' if lr == o.lr else ' '}")
-        lines.append(f"{o.name:<{width}}  " + "  ".join(cells))
+        edge = ""
+        if len(o.grid) > 1 and o.lr in (min(o.grid), max(o.grid)):
+            edge = f"  (the {'largest' if o.lr == max(o.grid) else 'smallest'} rate of the grid)"
+        lines.append(f"{o.name:<{width}}  " + "  ".join(cells) + edge)
     return "\n".join(lines)

@@ -86,6 +86,7 @@ def test_a_diverging_rate_loses_and_all_diverging_is_an_error():
     assert o.runs[1].diverged and o.runs[1].held_out == {"test": math.inf}    # a diverged seed shows
     assert o.spread("test").high == math.inf
     assert "diverged" in format_grid(res) and "1e-02: -0.0100*" in format_grid(res)
+    assert "(the" not in format_grid(res)                    # 1e-2 is inside the grid
     with pytest.raises(ValueError, match="diverged at every learning rate"):
         compare({"m": fn}, (1.0, 2.0), seeds=(0,))
 
@@ -217,3 +218,6 @@ def test_on_the_mlp_task_same_batches_and_a_sensible_choice(task, monkeypatch):
     assert res["LoRA r=4"].spread("old").mean < res["full FT"].spread("old").mean
     text = format_grid(res)
     assert text.count("*") == 1 + 2 and "full FT" in text        # the header's and one per method
+    for o in res:
+        flagged = [ln for ln in text.splitlines() if ln.startswith(o.name)][0].endswith("rate of the grid)")
+        assert flagged == (o.lr in (1e-3, 1e-1))
