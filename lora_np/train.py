@@ -3,9 +3,13 @@
 One step (``train_step``), with ``lr_t`` from the schedule::
 
     model.zero_grad()
-    loss, dY = mse_loss(model(X_batch), Y_batch)      # forward + loss and dL/dY
+    loss, dY = loss_fn(model(X_batch), Y_batch)       # forward + loss and dL/dY
     model.backward(dY)                               # fills model.gradients()
     optimizer.step()                                 # θ ← θ − lr_t · update(g)
+
+``loss_fn`` is any functional loss pair ``(pred, target) -> (loss, dpred)``: ``mse_loss`` (the
+default: regression on the synthetic tasks, float targets) or ``cross_entropy_loss`` (a
+language model: integer ids in, integer next-character labels as targets).
 
 ``train`` repeats it: it draws mini-batches (a fresh permutation of the rows every epoch),
 sets the learning rate of each step (cosine decay by default:
@@ -75,30 +79,56 @@ class TrainingDiverged(ValueError):
         self.history = history
 
 
-def learning_rate(step: int, steps: int, lr: float, schedule: str = "cosine") -> float:
+def learning_rate(step: int, steps: int, lr: float, schedule: str = "cosine", warmup: int = 0) -> float:
     """Learning rate of step ``step`` (0-based) of ``steps``.
 
     ``"constant"``: lr. ``"cosine"``: ``lr · ½ (1 + cos(π · step / steps))`` — lr at step 0,
     decaying smoothly towards 0 (never reaching it) at the last step. Decaying the rate lets
     Adam settle into the minimum instead of jittering around it at a fixed step size.
+
+    ``warmup`` > 0 first ramps the rate up linearly, ``lr · (step + 1) / warmup`` for the first
+    ``warmup`` steps, and runs the schedule over the remaining ``steps − warmup`` (cosine:
+    ``step → step − warmup``). A transformer trained from scratch needs it: Adam's first
+    updates have unit size per weight whatever the gradient, and at full rate they can throw a
+    fresh model's attention into saturation before its statistics settle.
     """
+    if step < warmup:
+        return lr * (step + 1) / warmup
     if schedule == "constant":
         return lr
-    return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
 
 
-def evaluate(model: Module, x: np.ndarray, y: np.ndarray) -> float:
-    """``mse_loss(model(x), y)`` in eval mode (no dropout); the model's mode is restored."""
+def evaluate(model: Module, x: np.ndarray, y: np.ndarray, loss_fn=F.mse_loss,
+             batch_size: int | None = None) -> float:
+    """``loss_fn(model(x), y)`` in eval mode (no dropout); the model's mode is restored.
+
+    ``batch_size=None``: one forward over all of x. Otherwise the rows are taken in order in
+    batches of ``batch_size`` (a large validation set never needs one huge forward) and the
+    loss is the row-weighted mean ``Σ_b n_b · loss_b / N`` — the same number as one forward
+    for a loss that is a mean over rows of equal size (MSE, cross-entropy), up to rounding.
+    """
+    if batch_size is not None:
+        batch_size = check_int("batch_size", batch_size, minimum=1)
     was_training = model.training
     model.eval()
     try:
-        return float(F.mse_loss(model(x), y)[0])
+        if batch_size is None or batch_size >= len(x):
+            return float(loss_fn(model(x), y)[0])
+        total = 0.0
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            total += float(loss_fn(model(xb), yb)[0]) * len(xb)
+        return total / len(x)
     finally:
         model.train(was_training)
 
 
-def train_step(model: Module, optimizer: Optimizer, x: np.ndarray, y: np.ndarray) -> float:
-    """One step on the batch (x, y): zero the gradients, forward, MSE loss, backward, update.
+def train_step(model: Module, optimizer: Optimizer, x: np.ndarray, y: np.ndarray,
+               loss_fn=F.mse_loss) -> float:
+    """One step on the batch (x, y): zero the gradients, forward, loss, backward, update.
+
+    ``loss_fn(pred, y) -> (loss, dpred)``: ``F.mse_loss`` (default) or ``F.cross_entropy_loss``.
 
     Returns the loss on (x, y) *before* the update. A non-finite loss is returned without a
     backward pass or an update (its gradient would make every weight NaN), so the model keeps
@@ -107,7 +137,7 @@ def train_step(model: Module, optimizer: Optimizer, x: np.ndarray, y: np.ndarray
     model.zero_grad()
     # overflow / invalid values are not warnings here: the caller sees the non-finite loss
     with np.errstate(over="ignore", invalid="ignore"):
-        loss, dY = F.mse_loss(model(x), y)
+        loss, dY = loss_fn(model(x), y)
         if math.isfinite(loss):
             model.backward(dY)
             optimizer.step()
@@ -118,18 +148,20 @@ def train_step(model: Module, optimizer: Optimizer, x: np.ndarray, y: np.ndarray
 
 
 def train(model: Module, x: np.ndarray, y: np.ndarray, *, steps: int = 600, lr: float | None = None,
-          optimizer="adam", batch_size: int | None = 256, schedule: str = "cosine",
+          optimizer="adam", batch_size: int | None = 256, schedule: str = "cosine", warmup: int = 0,
           x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
-          eval_every: int | None = None, rng=None, verbose: bool = False,
-          label: str = "") -> TrainHistory:
-    """Train ``model``'s trainable parameters on (x, y) with the MSE loss, in place.
+          eval_every: int | None = None, val_batch_size: int | None = None, rng=None,
+          verbose: bool = False, label: str = "", loss_fn=F.mse_loss) -> TrainHistory:
+    """Train ``model``'s trainable parameters on (x, y) with ``loss_fn`` (MSE by default), in place.
 
     Parameters
     ----------
     model : Module
         Trained in place (only ``model.trainable_parameters()`` change).
     x, y : ndarray
-        Training inputs and targets, one example per index of axis 0: (N, ...) each.
+        Training inputs and targets, one example per index of axis 0: (N, ...) each. Floats
+        for the MSE loss; for any other ``loss_fn`` they are passed on as they are (a language
+        model: x (N, T) token ids, y (N, T) next-token labels — ``lora_np.text.windows``).
     steps : int
         Number of optimizer steps (>= 1).
     lr : float, optional
@@ -141,15 +173,24 @@ def train(model: Module, x: np.ndarray, y: np.ndarray, *, steps: int = 600, lr: 
         Rows per step; None (or >= N) means full-batch.
     schedule : "cosine" or "constant"
         See ``learning_rate``.
+    warmup : int
+        Steps of linear warm-up before the schedule (0 <= warmup < steps); see ``learning_rate``.
     x_val, y_val : ndarray, optional
         Validation data; its loss is recorded at step 0, every ``eval_every`` steps (default
-        ``max(1, steps // 20)``) and after the last step.
+        ``max(1, steps // 20)``) and after the last step. Every evaluation reads all of it,
+        so for a large validation set pass a fixed subset here and score the rest once at the
+        end.
+    val_batch_size : int or None
+        Rows per validation forward (``evaluate``); None means all rows in one forward.
     rng : Generator, int or None
         Order of the mini-batches (None means seed 0: reproducible).
     verbose : bool
         Show a progress bar (tqdm: steps, elapsed<remaining, loss, lr, validation loss) on
         stderr, prefixed by ``label`` (e.g. ``"LoRA r=4  "``): live in a terminal or in
         Jupyter; in a log file or pipe, one summary line when training stops.
+    loss_fn : callable
+        ``(pred, target) -> (loss, dpred)``, a mean over the batch: ``F.mse_loss`` (default) or
+        ``F.cross_entropy_loss``. Training and validation use it.
 
     Returns
     -------
@@ -164,20 +205,26 @@ def train(model: Module, x: np.ndarray, y: np.ndarray, *, steps: int = 600, lr: 
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lora_np Module, got {type(model).__name__}")
-    x, y = _check_data("x", x, "y", y)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function (pred, target) -> (loss, dpred), got {loss_fn!r}")
+    floats = loss_fn is F.mse_loss
+    x, y = _check_data("x", x, "y", y, floats)
     has_val = x_val is not None or y_val is not None
     if has_val:
-        x_val, y_val = _check_data("x_val", x_val, "y_val", y_val)
+        x_val, y_val = _check_data("x_val", x_val, "y_val", y_val, floats)
+        if val_batch_size is not None:
+            val_batch_size = check_int("val_batch_size", val_batch_size, minimum=1)
     steps = check_int("steps", steps, minimum=1)
     n = len(x)
     batch_size = n if batch_size is None else min(check_int("batch_size", batch_size, minimum=1), n)
     check_choice("schedule", schedule, SCHEDULES)
+    warmup = check_int("warmup", warmup, minimum=0, maximum=steps - 1)
     eval_every = max(1, steps // 20) if eval_every is None else check_int("eval_every", eval_every, minimum=1)
     lr, opt = _optimizer(model, optimizer, lr)
 
     history = TrainHistory(optimizer=opt)
     if has_val:
-        history.val_history.append((0, evaluate(model, x_val, y_val)))
+        history.val_history.append((0, evaluate(model, x_val, y_val, loss_fn, val_batch_size)))
     batches = _batches(make_rng(rng), n, batch_size)
     model.train()
     elapsed = 0.0
@@ -185,9 +232,9 @@ def train(model: Module, x: np.ndarray, y: np.ndarray, *, steps: int = 600, lr: 
         for step in range(1, steps + 1):
             idx = next(batches)
             xb, yb = (x, y) if batch_size == n else (x[idx], y[idx])
-            opt.lr = learning_rate(step - 1, steps, lr, schedule)
+            opt.lr = learning_rate(step - 1, steps, lr, schedule, warmup)
             t0 = time.perf_counter()
-            loss = train_step(model, opt, xb, yb)
+            loss = train_step(model, opt, xb, yb, loss_fn)
             elapsed += time.perf_counter() - t0
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"train: the loss became {loss} at step {step} of {steps} "
@@ -196,7 +243,7 @@ def train(model: Module, x: np.ndarray, y: np.ndarray, *, steps: int = 600, lr: 
             history.loss_history.append(loss)
             if has_val and (step % eval_every == 0 or step == steps):
                 with np.errstate(over="ignore", invalid="ignore"):
-                    val = evaluate(model, x_val, y_val)
+                    val = evaluate(model, x_val, y_val, loss_fn, val_batch_size)
                 if not math.isfinite(val):
                     raise TrainingDiverged(f"train: the validation loss became {val} after step "
                                            f"{step} of {steps} (lr {opt.lr:.3g}); lower the "
@@ -214,9 +261,15 @@ def train(model: Module, x: np.ndarray, y: np.ndarray, *, steps: int = 600, lr: 
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_data(name_x, x, name_y, y):
-    """x, y as float arrays (see ``check_float_array``) with one row per example each."""
-    x, y = check_float_array(name_x, x, finite=False), check_float_array(name_y, y, finite=False)
+def _check_data(name_x, x, name_y, y, floats: bool):
+    """x, y with one row per example each: float arrays (see ``check_float_array``) if
+    ``floats`` (the MSE loss), else arrays as they came (token ids, integer labels)."""
+    if floats:
+        x, y = check_float_array(name_x, x, finite=False), check_float_array(name_y, y, finite=False)
+    else:
+        x, y = np.asarray(x), np.asarray(y)
+        if x.size == 0 or y.size == 0:
+            raise ValueError(f"{name_x} and {name_y} must be non-empty, got shapes {x.shape} and {y.shape}")
     if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
         raise ValueError(f"{name_x} and {name_y} need the same number of rows along axis 0, "
                          f"got shapes {x.shape} and {y.shape}")

@@ -267,3 +267,102 @@ def test_lists_are_data_too():
     x, y = _problem()
     a, b = _model(), _model()
     assert train(a, x.tolist(), y.tolist(), steps=3).loss_history == train(b, x, y, steps=3).loss_history
+
+
+# ------------------------------------------------------------ any loss: cross-entropy, warm-up
+
+
+def _classes(seed=0, n=96, d=5, C=4):
+    """Float inputs and integer class labels (N,) from a random linear teacher."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    return x, np.argmax(x @ rng.standard_normal((d, C)), axis=1)
+
+
+def test_cross_entropy_trains_on_integer_labels():
+    x, y = _classes()
+    m = Linear(5, 4, rng=0)
+    before = F.cross_entropy_loss(m(x), y)[0]
+    h = train(m, x, y, steps=150, lr=5e-2, batch_size=16, x_val=x, y_val=y, eval_every=50,
+              loss_fn=F.cross_entropy_loss)
+    assert h.val_history[0][1] == pytest.approx(before)
+    assert h.final_val_loss == pytest.approx(F.cross_entropy_loss(m(x), y)[0])
+    assert h.final_val_loss < 0.5 * before
+    now = F.cross_entropy_loss(m(x), y)[0]
+    assert train_step(m, SGD(m, lr=0.1), x, y, F.cross_entropy_loss) == now     # before the update
+    assert F.cross_entropy_loss(m(x), y)[0] < now
+
+
+def test_a_language_model_trains_on_token_windows():
+    from lora_np.text.corpus import windows
+    from lora_np.text.model import LanguageModel
+    ids = np.tile(np.arange(5, dtype=np.int32), 40)                 # 0 1 2 3 4 0 1 2 …
+    x, y = windows(ids, context=8, stride=1)
+    m = LanguageModel(5, d_model=8, n_heads=2, n_layers=1, d_hidden=16, context=8, rng=0)
+    h = train(m, x, y, steps=60, lr=3e-2, batch_size=8, warmup=5, x_val=x[:16], y_val=y[:16],
+              loss_fn=F.cross_entropy_loss)
+    assert h.val_history[0][1] > 1.4 and h.final_val_loss < 0.1     # ln 5 = 1.61 -> next id known
+
+
+def test_validation_in_batches_is_the_row_weighted_mean():
+    x, y = _classes(n=50)
+    m = Linear(5, 4, rng=0)
+    whole = evaluate(m, x, y, F.cross_entropy_loss)
+    for bs in (1, 7, 49):
+        assert evaluate(m, x, y, F.cross_entropy_loss, batch_size=bs) == pytest.approx(whole, rel=1e-12)
+    assert evaluate(m, x, y, F.cross_entropy_loss, batch_size=50) == whole      # one forward
+    xr, yr = _problem()
+    mr = _model()
+    assert evaluate(mr, xr, yr, batch_size=10) == pytest.approx(evaluate(mr, xr, yr), rel=1e-12)
+    h1 = train(Linear(5, 4, rng=0), x, y, steps=20, x_val=x, y_val=y, val_batch_size=7,
+               loss_fn=F.cross_entropy_loss)
+    h2 = train(Linear(5, 4, rng=0), x, y, steps=20, x_val=x, y_val=y, loss_fn=F.cross_entropy_loss)
+    assert h1.loss_history == h2.loss_history
+    assert [v for _, v in h1.val_history] == pytest.approx([v for _, v in h2.val_history], rel=1e-12)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        evaluate(m, x, y, batch_size=0)
+
+
+def test_warmup_then_the_schedule():
+    assert [learning_rate(s, 10, 1.0, warmup=4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate(4, 10, 1.0, warmup=4) == 1.0                          # cosine starts
+    assert learning_rate(7, 10, 1.0, warmup=4) == pytest.approx(0.5)           # half way
+    assert learning_rate(9, 10, 1.0, "constant", warmup=4) == 1.0
+    for s in range(10):                                                         # warmup=0 as before
+        assert learning_rate(s, 10, 0.1, warmup=0) == 0.1 * 0.5 * (1.0 + math.cos(math.pi * s / 10))
+    x, y = _problem()
+    seen = []
+    opt = Adam(_model(), lr=1.0)
+    real_step = opt.step
+
+    def spy():
+        seen.append(opt.lr)
+        real_step()
+
+    object.__setattr__(opt, "step", spy)
+    train(opt.model, x, y, steps=6, optimizer=opt, lr=0.1, warmup=2)
+    assert seen == [learning_rate(s, 6, 0.1, warmup=2) for s in range(6)] and seen[0] == 0.05
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"warmup": 3}, ValueError, r"warmup must be in \[0, 2\]"),
+    ({"warmup": -1}, ValueError, "warmup must be in"),
+    ({"val_batch_size": 0, "x_val": "x", "y_val": "y"}, ValueError, "val_batch_size must be >= 1"),
+    ({"loss_fn": "mse"}, TypeError, "loss_fn must be a function"),
+])
+def test_bad_loss_schedule_arguments(kwargs, error, match):
+    x, y = _problem()
+    m = _model()
+    snap = Snapshot(m)
+    kwargs = {k: (x if v == "x" else y if v == "y" else v) for k, v in kwargs.items()}
+    with pytest.raises(error, match=match):
+        train(m, x, y, steps=3, **kwargs)
+    snap.assert_unchanged()
+
+
+def test_integer_data_for_a_loss_that_takes_it():
+    x, y = _classes()
+    with pytest.raises(ValueError, match="must be non-empty"):
+        train(Linear(5, 4, rng=0), x[:0], y[:0], loss_fn=F.cross_entropy_loss)
+    with pytest.raises(ValueError, match="same number of rows"):
+        train(Linear(5, 4, rng=0), x, y[:-1], loss_fn=F.cross_entropy_loss)
