@@ -17,10 +17,11 @@ LAYERS = {
     "functional": 1,
     "modules": 2,
     "lora": 3, "optim": 3, "quant": 3,
-    "gradcheck": 3.5,           # checks modules and LoRA layers (local imports in its cases)
     "tasks": 4, "text": 4,
+    "gradcheck": 4.5,           # its standard cases build layers, LoRA and the language model (local imports)
     "train": 5,
-    "experiments": 6, "variants": 6, "fair": 6, "text_experiment": 6,
+    "fair": 5.5,                # the protocol experiments use
+    "experiments": 6, "variants": 6, "text_experiment": 6,
     "plots": 7,
     "__main__": 8, "bench": 8, "pretrain": 8, "assignments": 8,
 }
