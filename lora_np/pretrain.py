@@ -20,9 +20,9 @@ the run is reproducible from its seed with one BLAS thread. Any other run (``--q
 ``figures/scratch/`` (ignored by git) unless ``--out`` names a folder, and says where.
 
 Like ``python -m lora_np`` it runs NumPy's BLAS with one thread (it re-starts itself with
-``OPENBLAS_NUM_THREADS=1`` etc. unless you set one of those variables yourself): the matrices
-are at most 2048 × 384, where a second thread costs more in synchronisation than it saves,
-and one thread makes every run give the same weights.
+``OPENBLAS_NUM_THREADS=1`` etc. unless you set one of those variables yourself): its matrices
+are small (at most 2048 × 384), a second thread made a step slower, not faster, where it was
+measured (two shared cores), and one thread makes every run give the same weights.
 """
 
 from __future__ import annotations
