@@ -61,8 +61,9 @@ from .validate import check_int, check_number
 
 __all__ = ["PRETRAINED_PATH", "DEFAULT_RANKS", "LORA_TARGETS", "PLACEMENTS", "TextSettings",
            "QUICK_SETTINGS", "MethodSpec", "TextData", "TextRun", "TextResult", "method_specs",
-           "run_text_experiment", "format_text_table", "format_energy_ranks", "check_text_claims",
-           "format_samples", "results_markdown", "Claim", "format_claims", "random_like"]
+           "lora_grid", "run_text_experiment", "format_text_table", "format_energy_ranks", "check_text_claims",
+           "format_samples", "results_markdown", "Claim", "format_claims", "random_like",
+           "austen_on_full_curve"]
 
 #: the committed pretrained model (``python -m lora_np.pretrain`` writes it)
 PRETRAINED_PATH = DATA_DIR / "austen_lm.npz"
@@ -92,7 +93,12 @@ class TextSettings:
         per step — the same for every method
     ranks : LoRA ranks of the sweep (on ``targets``, α = 2r)
     placement_rank : the rank of the placement comparison;  placements : names in PLACEMENTS
-    lr_full, lr_lora : the learning-rate grids of full FT and of every LoRA method
+    lr_full : full FT's learning-rate grid
+    lr_lora, lr_lora_large, large_rank : the grid of every LoRA method, and the one of the ranks
+        ≥ ``large_rank``. With α = 2r the scale s = 2 at every rank, so a larger rank moves more
+        directions of ΔW per step and its best rate is lower (the search shows it: r = 64 is best
+        at 3e-3 and 0.1 nats/char worse at 1e-2); each grid is centred where its methods' best
+        rate lies, so that the chosen rate is inside the grid, not at an end
     seeds : the seeds; the first chooses the learning rates
     headline_ranks : the ranks that, with full FT, are run with every seed (the rest once)
     val_windows, test_windows : windows in the validation slice (lr choice) and in each
@@ -112,8 +118,10 @@ class TextSettings:
     targets: tuple = LORA_TARGETS
     placement_rank: int = 8
     placements: tuple = tuple(PLACEMENTS)
-    lr_full: tuple = (1e-3, 3e-3)
-    lr_lora: tuple = (3e-3, 1e-2)
+    lr_full: tuple = (3e-4, 1e-3, 3e-3)
+    lr_lora: tuple = (3e-3, 1e-2, 3e-2)
+    lr_lora_large: tuple = (1e-3, 3e-3, 1e-2)
+    large_rank: int = 32
     seeds: tuple = (0, 1, 2)
     headline_ranks: tuple = (1, 4, 16)
     val_windows: int = 64
@@ -134,11 +142,11 @@ class TextSettings:
     def check(self) -> "TextSettings":
         """Self, after checking that the numbers fit together (ValueError/TypeError naming the
         field)."""
-        for name in ("steps", "batch_size", "placement_rank", "val_windows", "test_windows",
+        for name in ("steps", "batch_size", "placement_rank", "large_rank", "val_windows", "test_windows",
                      "curve_points", "sample_chars", "workers"):
             check_int(name, getattr(self, name), minimum=1)
         check_number("temperature", self.temperature, nonnegative=True)
-        for name in ("ranks", "seeds", "lr_full", "lr_lora", "targets"):
+        for name in ("ranks", "seeds", "lr_full", "lr_lora", "lr_lora_large", "targets"):
             if not tuple(getattr(self, name)):
                 raise ValueError(f"TextSettings.{name} must not be empty")
         for r in (*self.ranks, *self.headline_ranks, *self.sample_ranks, *self.similarity_ranks):
@@ -159,9 +167,9 @@ class TextSettings:
 
 #: ``--quick``: few steps, few methods, small slices — the whole pipeline in well under a minute
 QUICK_SETTINGS = TextSettings(
-    steps=24, batch_size=8, ranks=(2, 16), placement_rank=2, placements=("MLP fc1, fc2",),
-    lr_full=(1e-3,), lr_lora=(3e-3, 1e-2), seeds=(0, 1), headline_ranks=(2,), val_windows=16,
-    test_windows=32, curve_points=3, sample_ranks=(2, 16), sample_chars=80, similarity_ranks=(2, 16))
+    steps=40, batch_size=8, ranks=(1, 16), placement_rank=16, placements=("MLP fc1, fc2",),
+    lr_full=(1e-3,), lr_lora=(3e-3, 1e-2), seeds=(0, 1), headline_ranks=(1,), val_windows=16,
+    test_windows=32, curve_points=4, sample_ranks=(1, 16), sample_chars=80, similarity_ranks=(1, 16))
 
 
 # --------------------------------------------------------------------------- methods
@@ -192,12 +200,19 @@ def method_specs(settings: TextSettings) -> dict:
     seeds = tuple(s.seeds)
     specs = {FULL: MethodSpec(FULL, "full", None, (), tuple(s.lr_full), seeds)}
     for r in sorted(s.ranks):
-        specs[lora_name(r)] = MethodSpec(lora_name(r), "lora", r, tuple(s.targets), tuple(s.lr_lora),
+        specs[lora_name(r)] = MethodSpec(lora_name(r), "lora", r, tuple(s.targets), lora_grid(s, r),
                                          seeds if r in s.headline_ranks else seeds[:1])
     for p in s.placements:
         name = placement_name(p, s.placement_rank)
-        specs[name] = MethodSpec(name, "lora", s.placement_rank, PLACEMENTS[p], tuple(s.lr_lora), seeds[:1])
+        specs[name] = MethodSpec(name, "lora", s.placement_rank, PLACEMENTS[p],
+                                 lora_grid(s, s.placement_rank), seeds[:1])
     return specs
+
+
+def lora_grid(settings: TextSettings, r: int) -> tuple:
+    """The learning-rate grid of LoRA at rank ``r``: ``lr_lora_large`` from ``large_rank`` up,
+    else ``lr_lora``."""
+    return tuple(settings.lr_lora_large if r >= settings.large_rank else settings.lr_lora)
 
 
 # --------------------------------------------------------------------------- data
@@ -546,46 +561,111 @@ def format_samples(result: TextResult) -> str:
     return head + "\n\n" + "\n\n".join(f"--- {label}\n{text}" for label, text in result.samples.items())
 
 
-def check_text_claims(result: TextResult) -> list:
-    """The claims the measured results support, each evaluated on ``result`` (held-out losses
-    as means over each method's seeds).
+def austen_on_full_curve(result: "TextResult", kjv: float) -> tuple:
+    """Full FT's held-out Austen loss at the point of its run where its held-out KJV loss was
+    ``kjv``: linear between the two checkpoints around it (the first such pair from step 0),
+    and whether ``kjv`` lies within the run's KJV range at all (else the nearest checkpoint's).
+    The learning–forgetting plane's question: at equal learning, who forgot more?"""
+    c = np.asarray(result.full_curve(), dtype=np.float64)          # (n, 3): step, KJV, Austen
+    x, y = c[:, 1], c[:, 2]
+    for i in range(len(c) - 1):
+        lo, hi = sorted((x[i], x[i + 1]))
+        if lo <= kjv <= hi:
+            t = 0.0 if hi == lo else (kjv - x[i]) / (x[i + 1] - x[i])
+            return float(y[i] + t * (y[i + 1] - y[i])), True
+    return float(y[np.argmin(np.abs(x - kjv))]), False
 
-    1. full FT reaches a lower held-out KJV loss than LoRA at every rank (it learns most);
-    2. LoRA at the smallest rank forgets least: its held-out Austen loss is the lowest of all
-       methods (full FT and every rank);
-    3. LoRA learns more with rank: the largest rank's KJV loss is below the smallest's;
-    4. every method learns: each one's KJV loss is below the pretrained model's;
-    5. full FT's ΔW is not low-rank: in every block layer, 90 % of ‖ΔW‖²_F needs at least a
-       quarter of min(d_out, d_in) directions.
+
+#: LoRA from this rank up counts as "high rank" in the claims (the largest rank is compared
+#: with full FT when it is at least this)
+HIGH_RANK = 32
+#: the largest rank the claims call "small" (full FT learns more than LoRA up to it)
+SMALL_RANK = 8
+#: how close (nats/char) the largest rank's KJV loss must come to full FT's to "catch up"
+CATCH_UP = 0.01
+#: a rank-this LoRA could not hold 90 % of full FT's ΔW in any layer
+NOT_LOW_RANK = 16
+
+
+def check_text_claims(result: TextResult) -> list:
+    """The claims this experiment's measured numbers support, each evaluated on ``result``
+    (held-out losses as means over each method's seeds). A claim about methods the run does
+    not have (a placement, a rank range) is left out.
+
+    1. every chosen learning rate lies inside its grid (grids of three rates or more): the
+       protocol found each method's best rate, not the end of its grid;
+    2. full FT learns more than LoRA at every rank ≤ SMALL_RANK (lower held-out KJV loss);
+    3. LoRA catches up at high rank: the largest rank (≥ HIGH_RANK) comes within CATCH_UP
+       nats/char of full FT's KJV loss;
+    4. LoRA at the smallest rank forgets least: the lowest held-out Austen loss of all methods;
+    5. at equal learning, the smallest rank forgets less than full FT and every rank ≥
+       SMALL_RANK forgets more: below / above full FT's checkpoint curve in the
+       learning–forgetting plane (``austen_on_full_curve``);
+    6. full FT's ΔW is not low-rank: in every block layer 90 % of ‖ΔW‖²_F needs more than
+       NOT_LOW_RANK directions;
+    7. nor is it random: its 90 % energy rank is below a Gaussian matrix's of the same shape
+       and norm in every layer;
+    8. where LoRA goes matters: at the placement rank, LoRA on the MLP alone learns more than
+       on all of attention.
     """
     res = result
-    full = res.fair[FULL]
     kjv = {n: res.fair[n].spread(KJV).mean for n in res.specs}
     aus = {n: res.fair[n].spread(AUSTEN).mean for n in res.specs}
     ranks = res.ranks
-    lo, hi = lora_name(ranks[0]), lora_name(ranks[-1])
-    best_lora = min((lora_name(r) for r in ranks), key=kjv.get)
-    claims = [Claim("full FT reaches the lowest held-out KJV loss (learns most), below LoRA at every rank",
-                    all(kjv[FULL] < kjv[lora_name(r)] for r in ranks),
-                    f"full FT {kjv[FULL]:.3f}; best LoRA {best_lora} {kjv[best_lora]:.3f} nats/char")]
+    claims = []
+    wide = [o for o in res.fair if len(o.grid) >= 3]
+    if wide:
+        ends = [o.name for o in wide if o.lr in (min(o.grid), max(o.grid))]
+        claims.append(Claim("every learning rate chosen on validation lies inside its grid (a smaller and a "
+                            "larger rate were both worse)", not ends,
+                            f"{len(wide) - len(ends)} of {len(wide)} methods" + (f"; at an end: {', '.join(ends)}" if ends else "")))
+    small = [r for r in ranks if r <= SMALL_RANK]
+    if small:
+        best = min(small, key=lambda r: kjv[lora_name(r)])
+        claims.append(Claim(f"full FT learns more than LoRA at every rank r ≤ {SMALL_RANK}: lower held-out KJV loss",
+                            all(kjv[FULL] < kjv[lora_name(r)] for r in small),
+                            f"full FT {kjv[FULL]:.3f}; best of those LoRA r={best} {kjv[lora_name(best)]:.3f} nats/char"))
+    r_max, r_min = ranks[-1], ranks[0]
+    if r_max >= HIGH_RANK:
+        gap = kjv[lora_name(r_max)] - kjv[FULL]
+        claims.append(Claim(f"LoRA catches up at high rank: r={r_max}'s held-out KJV loss is within {CATCH_UP} "
+                            "nats/char of full FT's", abs(gap) <= CATCH_UP,
+                            f"r={r_max} {kjv[lora_name(r_max)]:.3f} vs full FT {kjv[FULL]:.3f} "
+                            f"(gap {gap:+.3f}; r={r_min}: {kjv[lora_name(r_min)] - kjv[FULL]:+.3f})"))
+    lo = lora_name(r_min)
     least = min(aus, key=aus.get)
-    claims.append(Claim(f"{lo} forgets least: the lowest held-out Austen loss of every method",
-                        least == lo, f"{lo} {aus[lo]:.3f}; full FT {aus[FULL]:.3f}; lowest {least} {aus[least]:.3f}"))
-    if len(ranks) > 1:
-        claims.append(Claim(f"LoRA learns more at higher rank: KJV loss of {hi} below {lo}", kjv[hi] < kjv[lo],
-                            f"{lo} {kjv[lo]:.3f}, {hi} {kjv[hi]:.3f}"))
-    worst = max(kjv, key=kjv.get)
-    claims.append(Claim("every method learns the KJV: each held-out KJV loss is below the pretrained model's",
-                        all(v < res.pretrained[KJV] for v in kjv.values()),
-                        f"pretrained {res.pretrained[KJV]:.3f}; worst {worst} {kjv[worst]:.3f}"))
+    runner_up = min((n for n in aus if n != lo), key=aus.get)
+    claims.append(Claim(f"{lo} forgets least: the lowest held-out Austen loss of every method", least == lo,
+                        f"{lo} {aus[lo]:.3f}; next {runner_up} {aus[runner_up]:.3f}; full FT {aus[FULL]:.3f} "
+                        f"(pretrained {res.pretrained[AUSTEN]:.3f})"))
+    high = [r for r in ranks if r >= SMALL_RANK]
+    if r_min < SMALL_RANK and high and res.details(FULL).curve:
+        def excess(r):                    # Austen loss above full FT's at the same KJV loss
+            ref, _ = austen_on_full_curve(res, kjv[lora_name(r)])
+            return aus[lora_name(r)] - ref
+        ex = {r: excess(r) for r in [r_min] + high}
+        claims.append(Claim(f"at equal learning LoRA r={r_min} forgets less than full FT and LoRA r ≥ {SMALL_RANK} "
+                            "forgets more: its Austen loss minus full FT's at the same KJV loss (along full FT's "
+                            "checkpoints)", ex[r_min] < 0 and all(ex[r] > 0 for r in high),
+                            ", ".join(f"r={r} {v:+.3f}" for r, v in ex.items())))
     er = res.energy_ranks()
-    frac = {p: k / min(sh) for p, (sh, k, _, _) in er.items()}
-    low = min(frac, key=frac.get)
-    sh, k, _, kr = er[low]
-    claims.append(Claim("full FT's ΔW is not low-rank: in every block layer 90 % of ‖ΔW‖²_F needs ≥ ¼ of "
-                        "min(d_out, d_in) directions",
-                        all(v >= 0.25 for v in frac.values()),
-                        f"lowest {low}: {k} of {min(sh)} (a random matrix: {kr})"))
+    k_min = min(er, key=lambda p: er[p][1])
+    claims.append(Claim(f"full FT's ΔW is not low-rank: in every block layer 90 % of ‖ΔW‖²_F needs more than "
+                        f"{NOT_LOW_RANK} directions", all(k > NOT_LOW_RANK for _, k, _, _ in er.values()),
+                        f"fewest: {k_min} {er[k_min][1]} of {min(er[k_min][0])}; most: "
+                        f"{max(k for _, k, _, _ in er.values())}"))
+    ratio = {p: k / kr for p, (_, k, _, kr) in er.items()}
+    p_max = max(ratio, key=ratio.get)
+    claims.append(Claim("nor is it random: its 90 % energy rank is below that of a Gaussian matrix of the same "
+                        "shape and norm in every layer", all(v < 1 for v in ratio.values()),
+                        f"closest: {p_max} {er[p_max][1]} vs {er[p_max][3]}"))
+    mlp = placement_name("MLP fc1, fc2", res.settings.placement_rank)
+    attn = placement_name("attention q, k, v, o", res.settings.placement_rank)
+    if mlp in res.specs and attn in res.specs:
+        claims.append(Claim(f"where LoRA goes matters: at r = {res.settings.placement_rank} the MLP alone learns more "
+                            "than all of attention (held-out KJV loss)", kjv[mlp] < kjv[attn],
+                            f"MLP {kjv[mlp]:.3f} ({res.details(mlp).trainable_params:,} parameters), attention "
+                            f"{kjv[attn]:.3f} ({res.details(attn).trainable_params:,})"))
     return claims
 
 

@@ -18,8 +18,8 @@ from lora_np.text.corpus import corpus_tokenizer, lm_loss
 from lora_np.text.model import LanguageModel, generate
 from lora_np.text_experiment import (FULL, PLACEMENTS, QUICK_SETTINGS, Claim, TextResult, TextSettings,
                                      check_text_claims, format_claims, format_energy_ranks, format_samples,
-                                     format_text_table, method_specs, random_like, results_markdown,
-                                     run_text_experiment)
+                                     format_text_table, lora_grid, lora_name, method_specs, random_like,
+                                     results_markdown, run_text_experiment, austen_on_full_curve)
 
 D, LAYERS, HIDDEN, CONTEXT = 16, 2, 32, 16
 
@@ -215,9 +215,14 @@ def test_table_and_results_page(result):
 
 def test_method_specs_follow_the_settings():
     specs = method_specs(QUICK_SETTINGS)
-    assert list(specs) == [FULL, "LoRA r=2", "LoRA r=16", "r=2 on MLP fc1, fc2"]
+    assert list(specs) == [FULL, "LoRA r=1", "LoRA r=16", "r=16 on MLP fc1, fc2"]
     assert specs[FULL].seeds == (0, 1) and specs["LoRA r=16"].seeds == (0,)
-    assert specs["LoRA r=2"].lrs == QUICK_SETTINGS.lr_lora and specs[FULL].lrs == QUICK_SETTINGS.lr_full
+    assert specs["LoRA r=1"].lrs == QUICK_SETTINGS.lr_lora and specs[FULL].lrs == QUICK_SETTINGS.lr_full
+    default = TextSettings()
+    specs = method_specs(default)
+    assert [specs[lora_name(r)].lrs for r in (8, 16, 32, 64)] == [default.lr_lora] * 2 + [default.lr_lora_large] * 2
+    assert specs["r=8 on q, v"].lrs == default.lr_lora and lora_grid(default, 32) == default.lr_lora_large
+    assert sum(len(sp.lrs) + len(sp.seeds) - 1 for sp in specs.values()) == 44        # runs of the default
     TextSettings().check()
     QUICK_SETTINGS.check()
 
@@ -246,17 +251,53 @@ def test_a_missing_checkpoint_names_the_file(tmp_path):
         run_text_experiment({"steps": 3})
 
 
+def _claim(result, words):
+    found = [c for c in check_text_claims(result) if words in c.statement]
+    return found[0] if found else None
+
+
 def test_claims_are_decided_by_the_numbers(result, monkeypatch):
-    """The same claims flip when the measured numbers do: full FT made worse than every LoRA,
-    or its ΔW replaced by a rank-1 change."""
-    claims = {c.statement: c for c in check_text_claims(result)}
-    first = next(s for s in claims if s.startswith("full FT reaches"))
+    """The claims flip when the measured numbers do, and a claim about methods the run does not
+    have is left out."""
+    assert _claim(result, "inside its grid") is None                # no grid of three rates here
+    assert _claim(result, "catches up") is None                     # no rank ≥ 32
+    assert _claim(result, "MLP alone") is None                      # no attention placement
+    assert _claim(result, "at equal learning") is None              # no rank ≥ 8
+    full_more = _claim(result, "full FT learns more")
+    assert full_more.statement.startswith("full FT learns more than LoRA at every rank r ≤ 8")
     for run in result.fair[FULL].runs:
         monkeypatch.setitem(run.held_out, "kjv", 99.0)
-    flipped = {c.statement: c for c in check_text_claims(result)}
-    assert not flipped[first].holds and "full FT 99.000" in flipped[first].detail
-    assert not next(c for s, c in flipped.items() if s.startswith("every method learns")).holds
+    flipped = _claim(result, "full FT learns more")
+    assert not flipped.holds and "full FT 99.000" in flipped.detail
+    for run in result.fair["LoRA r=1"].runs:
+        monkeypatch.setitem(run.held_out, "austen", 0.5)
+    least = _claim(result, "forgets least")
+    assert least.holds and least.statement.startswith("LoRA r=1 forgets least") and "LoRA r=1 0.500" in least.detail
     monkeypatch.setattr(TextResult, "energy_ranks",
                         lambda self, energy=0.9: {"blocks.0.mlp.fc1": ((HIDDEN, D), 1, 1.0, 12)})
-    low = next(c for c in check_text_claims(result) if "not low-rank" in c.statement)
-    assert not low.holds and "1 of 16" in low.detail
+    low = _claim(result, "not low-rank")
+    assert not low.holds and "blocks.0.mlp.fc1 1 of 16" in low.detail
+    assert _claim(result, "nor is it random").holds
+    monkeypatch.setattr(TextResult, "energy_ranks",
+                        lambda self, energy=0.9: {"blocks.0.mlp.fc1": ((HIDDEN, D), 13, 1.0, 12)})
+    assert not _claim(result, "nor is it random").holds
+
+
+def test_the_grid_claim_reads_where_each_rate_was_chosen(result, monkeypatch):
+    o = result.fair[FULL]
+    grid = {1e-4: o.best, 1e-3: o.best, 1e-2: o.best}
+    monkeypatch.setattr(o, "grid", grid)
+    monkeypatch.setattr(o, "lr", 1e-3)
+    claim = _claim(result, "inside its grid")
+    assert claim.holds and claim.detail == "1 of 1 methods"
+    monkeypatch.setattr(o, "lr", 1e-2)
+    claim = _claim(result, "inside its grid")
+    assert not claim.holds and claim.detail == "0 of 1 methods; at an end: full FT"
+
+
+def test_equal_learning_reads_full_fts_curve(result, monkeypatch):
+    monkeypatch.setattr(TextResult, "full_curve", lambda self: [(0, 2.0, 1.0), (10, 1.8, 1.2), (20, 1.6, 1.3)])
+    assert austen_on_full_curve(result, 1.9) == (pytest.approx(1.1), True)
+    assert austen_on_full_curve(result, 1.7) == (pytest.approx(1.25), True)
+    assert austen_on_full_curve(result, 1.5) == (1.3, False)          # beyond the run: its last point
+    assert austen_on_full_curve(result, 2.5) == (1.0, False)

@@ -130,6 +130,19 @@ def _check_curve(curve) -> np.ndarray:
     return a
 
 
+def _label_steps(ax, curve, xs, ys, min_gap: float = 0.04) -> None:
+    """Write each checkpoint's step beside it, skipping one that would sit on the last label
+    written (closer than ``min_gap`` of the data's extent, in both directions)."""
+    x_all, y_all = np.concatenate([curve[:, 1], xs]), np.concatenate([curve[:, 2], ys])
+    span = np.array([np.ptp(x_all) or 1.0, np.ptp(y_all) or 1.0])
+    last = None
+    for step, x, y in curve[1:]:
+        here = np.array([x, y]) / span
+        if last is None or np.max(np.abs(here - last)) >= min_gap:
+            ax.annotate(f"{int(step)}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=11)
+            last = here
+
+
 def plot_learning_forgetting(full_curve, lora: dict, pretrained: dict, placements: dict | None = None,
                              full: dict | None = None, path=None) -> Figure:
     """The learning–forgetting plane of Biderman et al. 2024 ("LoRA Learns Less and Forgets
@@ -137,7 +150,8 @@ def plot_learning_forgetting(full_curve, lora: dict, pretrained: dict, placement
     learning), y = held-out loss on the pretraining text (Austen; lower is less forgetting).
 
     Full fine-tuning's checkpoints along its run (one seed) are a curve from the pretrained
-    model (a star), each labelled with its step; LoRA's ranks are points coloured by rank with
+    model (a star), labelled with their steps (a label that would overlap the previous one is
+    left out); LoRA's ranks are points coloured by rank with
     their range over seeds as error bars in both directions; other LoRA placements (optional)
     are squares.
 
@@ -154,8 +168,8 @@ def plot_learning_forgetting(full_curve, lora: dict, pretrained: dict, placement
     with teaching_figure(figsize=(12, 8), path=path) as (fig, (ax,)):
         ax.plot(curve[:, 1], curve[:, 2], "o-", color="black", lw=2, ms=6,
                 label="full fine-tuning, checkpoints along its run")
-        for step, x, y in curve[1:]:
-            ax.annotate(f"{int(step)}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=11)
+        _label_steps(ax, curve, [base[TARGET][0]] + [p[TARGET][0] for p in lora.values()],
+                     [base[SOURCE][0]] + [p[SOURCE][0] for p in lora.values()])
         if full is not None:
             f = _losses("full", full)
             ax.errorbar([f[TARGET][0]], [f[SOURCE][0]], xerr=_yerr([f[TARGET]]), yerr=_yerr([f[SOURCE]]),
