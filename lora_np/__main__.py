@@ -79,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m lora_np",
         description="Fine-tune a small pretrained model on a task whose true weight change ΔW* has "
                     "rank k, with full fine-tuning and with LoRA at every rank; print the results "
-                    "table and the claims it shows (exit 1 if one fails), and write the figures.")
+                    "table and the claims it shows (exit 1 if one fails), and write the figures. --task text "
+                    "runs the same comparison on real text.")
     p.add_argument("--ranks", type=_ranks, default=None,
                    help=f"comma-separated LoRA ranks (default {','.join(map(str, DEFAULT_RANKS))}; "
                         f"--quick: {','.join(map(str, QUICK_RANKS))}); at most 64")
@@ -92,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
                         f"run, whose figures are committed; {SCRATCH_FIGURES}/ for any other run)")
     p.add_argument("--no-figures", action="store_true", help="print the table only, write no figures")
     p.add_argument("--quick", action="store_true",
-                   help=f"fewer ranks and {QUICK_STEPS} instead of {DEFAULT_STEPS} steps per run")
+                   help=f"fewer ranks and {QUICK_STEPS} instead of {DEFAULT_STEPS} steps per run (--task text: "
+                        "40 steps, ranks 1 and 16, one placement, small evaluation slices)")
     p.add_argument("--model", choices=("mlp", "attention"), default="mlp",
                    help="mlp (default: ΔW* on fc1, LoRA on fc1) or attention (one multi-head attention "
                         "layer; ΔW* on q_proj and v_proj, LoRA on both); attention figures get the prefix "
@@ -101,8 +103,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default="synthetic",
                    help="synthetic (default: the teacher-student task above) or text: the character "
                         "model pretrained on Jane Austen, fine-tuned on the King James Bible (full FT vs "
-                        "LoRA at every rank and placement, lr chosen on validation, several seeds; "
-                        "≈ 10 min, --quick ≈ 30 s); writes figures/text_*.png and figures/text_results.md "
+                        "LoRA at every rank and placement, lr chosen on validation, several seeds); writes figures/text_*.png and figures/text_results.md "
                         "(only the default text run; --ranks, --seed, --quick write to figures/scratch/)")
     p.add_argument("--workers", type=int, default=None,
                    help="--task text: processes the fine-tuning runs are spread over (default: 2, or 1 "

@@ -96,9 +96,9 @@ class TextSettings:
     lr_full : full FT's learning-rate grid
     lr_lora, lr_lora_large, large_rank : the grid of every LoRA method, and the one of the ranks
         ≥ ``large_rank``. With α = 2r the scale s = 2 at every rank, so a larger rank moves more
-        directions of ΔW per step and its best rate is lower (the search shows it: r = 64 is best
-        at 3e-3 and 0.1 nats/char worse at 1e-2); each grid is centred where its methods' best
-        rate lies, so that the chosen rate is inside the grid, not at an end
+        directions of ΔW per step and its best rate is lower (the search in
+        figures/text_results.md shows it); each grid is centred where its methods' best rate
+        lies, so that the chosen rate is inside the grid, not at an end (a claim checks it)
     seeds : the seeds; the first chooses the learning rates
     headline_ranks : the ranks that, with full FT, are run with every seed (the rest once)
     val_windows, test_windows : windows in the validation slice (lr choice) and in each

@@ -186,7 +186,7 @@ def test_help_explains_every_option(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for option in ("--ranks", "--seed", "--out", "--quick", "--true-rank", "--model", "--no-figures",
-                   "--quiet"):
+                   "--quiet", "--task", "--workers"):
         assert option in text
     assert "figures/scratch/" in text
 
