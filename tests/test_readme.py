@@ -74,3 +74,17 @@ def test_readme_lists_every_notebook_once_in_order():
     assert listed == on_disk
     for link in re.findall(r"\]\(((?:figures|notebooks)/[^)#]+)\)", text):
         assert (README.parent / link).exists(), f"README links to {link}, which does not exist"
+
+
+def test_readme_text_table_is_what_the_text_experiment_wrote():
+    """The real-text section's table rows are copied from figures/text_results.md, which only
+    ``python -m lora_np --task text`` writes."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## LoRA on real text", 1)[1].split("\n## ", 1)[0]
+    rows = [l for l in section.splitlines() if l.startswith("| ")]
+    assert len(rows) >= 10, f"expected the results table in the README's real-text section, got {rows}"
+    results = (README.parent / "figures" / "text_results.md").read_text(encoding="utf-8")
+    missing = [r for r in rows if r not in results.splitlines()]
+    assert not missing, f"README rows not in figures/text_results.md: {missing}"
+    samples = section.split("```text\n", 1)[1].split("```", 1)[0]
+    assert samples in results, "the README's samples are not the ones figures/text_results.md holds"
