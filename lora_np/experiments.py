@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 
 from .analysis import left_subspace_similarity, singular_values
+from .claims import Claim, format_claims
 from .counting import lora_params, measured_training_state_bytes
 from .lora import add_lora, lora_layers
 from .modules import Linear
@@ -354,13 +354,6 @@ def format_table(result: SweepResult) -> str:
 # --------------------------------------------------------------------------- the claims
 
 
-class Claim(NamedTuple):
-    """One claim of the sweep: what it says, whether this run shows it, and the numbers."""
-    statement: str
-    holds: bool
-    detail: str
-
-
 def check_claims(result: SweepResult) -> list:
     """The claims the task is designed to show, evaluated on ``result``.
 
@@ -436,6 +429,3 @@ def _full_ft_delta_claims(res: SweepResult) -> list:
                   via + ", ".join(f"{n} φ = {p:.4f}" for n, p in phis.items()))]
 
 
-def format_claims(claims) -> str:
-    """One line per claim: ✓ or ✗, the statement, the numbers."""
-    return "\n".join(f"{'✓' if c.holds else '✗'} {c.statement}: {c.detail}" for c in claims)

@@ -48,6 +48,7 @@ import numpy as np
 
 from . import functional as F
 from .analysis import effective_rank, energy_rank
+from .claims import Claim, format_claims
 from .counting import measured_training_state_bytes
 from .fair import FairResult, Run, batch_rng, compare, format_grid, format_spread, init_rng
 from .lora import add_lora, lora_layers
@@ -316,18 +317,6 @@ def _finetune(base, data: TextData, settings: TextSettings, spec: MethodSpec, lr
 
 
 # --------------------------------------------------------------------------- the result
-
-
-class Claim(NamedTuple):
-    """One claim: what it says (with what is measured), whether this run shows it, the numbers."""
-    statement: str
-    holds: bool
-    detail: str
-
-
-def format_claims(claims) -> str:
-    """One line per claim: ✓ or ✗, the statement, the numbers."""
-    return "\n".join(f"{'✓' if c.holds else '✗'} {c.statement}: {c.detail}" for c in claims)
 
 
 def random_like(M: np.ndarray, rng) -> np.ndarray:

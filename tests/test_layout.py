@@ -25,7 +25,7 @@ LAYERS = {
     "plots": 7,
     "__main__": 8, "bench": 8, "pretrain": 8, "assignments": 8,
 }
-LEAVES = {"validate", "counting", "analysis", "machine", "grading"}
+LEAVES = {"validate", "counting", "analysis", "machine", "grading", "claims"}
 
 
 def _module_name(path: pathlib.Path) -> str:
