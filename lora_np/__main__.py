@@ -34,6 +34,7 @@ import pathlib
 import sys
 import time
 
+from .machine import restart_with_one_blas_thread
 from .experiments import (DEFAULT_RANKS, QUICK_RANKS, SweepSettings, attention_sweep, check_claims,
                           format_claims, format_table, rank_sweep)
 
@@ -46,22 +47,9 @@ DEFAULT_SEED = 0
 #: the committed figures (written only by the default run) and where every other run writes
 COMMITTED_FIGURES = pathlib.Path("figures")
 SCRATCH_FIGURES = COMMITTED_FIGURES / "scratch"
-#: environment variables that set the number of BLAS threads (OpenBLAS, OpenMP builds, MKL)
-BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 #: exit status when a claim fails (argparse and bad arguments use 2)
 EXIT_CLAIM_FAILED = 1
 EXIT_BAD_ARGUMENT = 2
-
-
-def _restart_with_one_blas_thread() -> None:
-    """Replace this process by the same command with one BLAS thread, unless the user has set
-    a thread count (then theirs is used). BLAS reads these variables only when NumPy is
-    imported, which has already happened here, hence the restart."""
-    if any(v in os.environ for v in BLAS_THREAD_VARIABLES):
-        return
-    env = dict(os.environ, **{v: "1" for v in BLAS_THREAD_VARIABLES})
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "lora_np", *sys.argv[1:]], env)
 
 
 def _ranks(text: str) -> tuple:
@@ -267,5 +255,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    _restart_with_one_blas_thread()
+    restart_with_one_blas_thread("lora_np")
     sys.exit(main())

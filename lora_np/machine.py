@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,23 @@ def allocator_setting(mode: str) -> str:
     if check_choice("mode", mode, ("keep", "default")) == "keep":
         return keep_freed_memory()
     return malloc_env() or "defaults"
+
+
+#: environment variables that set the number of BLAS threads (OpenBLAS, OpenMP builds, MKL)
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def restart_with_one_blas_thread(module: str) -> None:
+    """Replace this process by ``python -m <module>`` with the same arguments and one BLAS
+    thread, unless the user has set a thread count (then theirs is used, and nothing happens).
+
+    The commands multiply small matrices, for which a second BLAS thread mostly waits, and one
+    thread keeps the summation order — and so every printed digit — the same from run to run.
+    BLAS reads these variables only when NumPy is imported, which has happened by the time a
+    command runs, hence the restart.
+    """
+    if any(v in os.environ for v in BLAS_THREAD_VARIABLES):
+        return
+    env = dict(os.environ, **{v: "1" for v in BLAS_THREAD_VARIABLES})
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import functional as F
+from .machine import BLAS_THREAD_VARIABLES, restart_with_one_blas_thread
 from .optim import Adam
 from .text.checkpoint import save_lm
 from .text.corpus import DATA_DIR, NATS_TO_BITS, corpus_tokenizer, lm_loss, load_splits, windows
@@ -72,8 +73,6 @@ SAMPLE_SEED = 0
 SAMPLE_TEMPERATURE = 0.8
 #: the held-out slice tests/test_pretrain.py scores (the first rows of Austen's test split)
 CHECK_ROWS = 512
-#: environment variables that set the number of BLAS threads (OpenBLAS, OpenMP builds, MKL)
-BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def build_model(tokenizer, seed: int = DEFAULT_SEED) -> LanguageModel:
@@ -221,17 +220,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _restart_with_one_blas_thread() -> None:
-    """Replace this process by the same command with one BLAS thread, unless the user has set
-    a thread count (then theirs is used). BLAS reads these variables only when NumPy is
-    imported, which has already happened here, hence the restart."""
-    if any(v in os.environ for v in BLAS_THREAD_VARIABLES):
-        return
-    env = dict(os.environ, **{v: "1" for v in BLAS_THREAD_VARIABLES})
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "lora_np.pretrain", *sys.argv[1:]], env)
-
-
 if __name__ == "__main__":
-    _restart_with_one_blas_thread()
+    restart_with_one_blas_thread("lora_np.pretrain")
     sys.exit(main())

@@ -211,18 +211,19 @@ def test_runs_as_a_module():
 
 
 def test_restarts_with_one_blas_thread_unless_the_user_chose(monkeypatch):
+    from lora_np import machine
     calls = []
-    monkeypatch.setattr(cli.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
-    monkeypatch.setattr(cli.sys, "argv", ["lora_np", "--quick"])
-    for v in cli.BLAS_THREAD_VARIABLES:
+    monkeypatch.setattr(machine.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    monkeypatch.setattr(machine.sys, "argv", ["lora_np", "--quick"])
+    for v in machine.BLAS_THREAD_VARIABLES:
         monkeypatch.delenv(v, raising=False)
-    cli._restart_with_one_blas_thread()
+    machine.restart_with_one_blas_thread("lora_np")
     (path, argv, env), = calls
     assert path == sys.executable and argv == [sys.executable, "-m", "lora_np", "--quick"]
-    assert all(env[v] == "1" for v in cli.BLAS_THREAD_VARIABLES)
+    assert all(env[v] == "1" for v in machine.BLAS_THREAD_VARIABLES)
     calls.clear()
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
-    cli._restart_with_one_blas_thread()
+    machine.restart_with_one_blas_thread("lora_np")
     assert calls == []
 
 

@@ -5,6 +5,7 @@ reproducible; ``python -m lora_np.pretrain --quick`` writes only where it is tol
 import hashlib
 import os
 import subprocess
+import pathlib
 import sys
 from pathlib import Path
 
@@ -104,17 +105,7 @@ def test_help_and_a_bad_argument(capsys):
     assert "steps must be >= 1" in capsys.readouterr().err
 
 
-def test_restarts_with_one_blas_thread_unless_the_user_chose(monkeypatch):
-    calls = []
-    monkeypatch.setattr(pretrain.os, "execve", lambda path, argv, env: calls.append((argv, env)))
-    monkeypatch.setattr(pretrain.sys, "argv", ["pretrain", "--quick"])
-    for v in pretrain.BLAS_THREAD_VARIABLES:
-        monkeypatch.delenv(v, raising=False)
-    pretrain._restart_with_one_blas_thread()
-    (argv, env), = calls
-    assert argv == [sys.executable, "-m", "lora_np.pretrain", "--quick"]
-    assert all(env[v] == "1" for v in pretrain.BLAS_THREAD_VARIABLES)
-    calls.clear()
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    pretrain._restart_with_one_blas_thread()
-    assert calls == []
+def test_the_command_restarts_itself_with_one_blas_thread():
+    # machine.restart_with_one_blas_thread is tested in tests/test_main.py; here: pretrain uses it
+    source = pathlib.Path(pretrain.__file__).read_text(encoding="utf-8")
+    assert 'restart_with_one_blas_thread("lora_np.pretrain")' in source.split('if __name__ == "__main__":')[1]
