@@ -118,7 +118,7 @@ class GradCheckRow(NamedTuple):
     reason: str = ""                # why the row failed ("" when it passed)
 
 
-def check_gradients(module, x, threshold=DEFAULT_THRESHOLD, seed=0, h=1e-6, check_input=True):
+def check_gradients(module, x, threshold=DEFAULT_THRESHOLD, seed=0, h=1e-6, check_input=None):
     """Check every trainable parameter of ``module`` (each on its own) and the input ``x``.
 
     Runs ``forward(x)``, a random upstream gradient ``dout`` (seeded), ``backward(dout)``, and
@@ -130,9 +130,11 @@ def check_gradients(module, x, threshold=DEFAULT_THRESHOLD, seed=0, h=1e-6, chec
     and max |numerical| ≤ 1e-7, and shows the max absolute error instead of a relative one.
     A failed row says why in ``reason``.
 
-    ``x`` is a float array (integers are promoted to float64) — except with
-    ``check_input=False``, where an integer ``x`` stays integer: token ids for an
-    ``Embedding`` or a ``LanguageModel``, which have no input gradient to check.
+    ``x`` is a float array (integers are promoted to float64) and its gradient is checked too —
+    except for a module that takes token ids (``module.takes_token_ids``: ``Embedding``,
+    ``LanguageModel``): by default (``check_input=None``) its integer ``x`` stays integer and
+    only the parameters are checked, since ids have no gradient. ``check_input=False`` keeps an
+    integer ``x`` integer for any module; ``True`` forces the input check.
 
     Raises TypeError for a module that is not a float64 lora_np Module, and ValueError for one
     that cannot be checked: in eval mode, with dropout > 0 in training mode, or with a forward
@@ -142,6 +144,8 @@ def check_gradients(module, x, threshold=DEFAULT_THRESHOLD, seed=0, h=1e-6, chec
     threshold = check_number("threshold", threshold, positive=True)
     h = check_number("h", h, positive=True)
     seed = check_int("seed", seed, minimum=0)
+    if check_input is None:                    # token ids: nothing to differentiate
+        check_input = not getattr(module, "takes_token_ids", False)
     check_input = check_bool("check_input", check_input)
     x = _own_input(x, check_input)
     _check_checkable(module)
@@ -398,8 +402,7 @@ def main(argv=None) -> int:
     threshold = _parse_args(argv).threshold
     n_checks, n_zero, worst, failed = 0, 0, 0.0, []
     for title, module, x in standard_cases():
-        token_ids = np.issubdtype(np.asarray(x).dtype, np.integer)   # no input gradient to check
-        rows = check_gradients(module, x, threshold=threshold, check_input=not token_ids)
+        rows = check_gradients(module, x, threshold=threshold)   # token ids: parameters only
         print(format_table(rows, title=title))
         print()
         n_checks += len(rows)

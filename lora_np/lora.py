@@ -371,6 +371,8 @@ class LoRAEmbedding(_Adapter):
     DoRA for embeddings. Attributes: ``W`` (frozen), ``A``, ``B``, ``scale``, ``merged``.
     """
 
+    takes_token_ids = True
+
     _match_keys = ("kind", "r", "alpha", "rslora", "num_embeddings", "d_model")
 
     def __init__(self, base, r, alpha, rslora=False, rng=None):

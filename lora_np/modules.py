@@ -170,6 +170,10 @@ class Module:
     (the wrapper releases it in any case when backward returns).
     """
 
+    #: True for modules whose input is integer token ids (``Embedding``, ``LanguageModel``):
+    #: they have no input gradient, and the gradient checker checks their parameters only
+    takes_token_ids = False
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         for name, wrap in (("forward", _forward_entry), ("backward", _backward_entry)):
@@ -468,6 +472,8 @@ class Embedding(Module):
     Init: ``W ~ N(0, std²)``; ``std=1.0`` is PyTorch's ``nn.Embedding`` default (unit-scale
     rows, the scale ``Linear``'s init keeps activations at). ``LanguageModel`` picks its own.
     """
+
+    takes_token_ids = True
 
     def __init__(self, num_embeddings, d_model, rng=None, dtype=np.float64, std=1.0):
         super().__init__()

@@ -401,8 +401,9 @@ def test_integer_token_ids_are_kept_as_integers_without_an_input_check():
     rows = check_gradients(emb, ids, check_input=False)
     assert [r.name for r in rows] == ["W"] and rows[0].passed
     np.testing.assert_array_equal(ids, [[0, 4, 4], [1, 0, 2]])      # the caller's ids untouched
+    assert [r.name for r in check_gradients(emb, ids)] == ["W"]   # the default for token-id modules
     with pytest.raises(TypeError, match="idx must be an integer array of ids, got dtype float64"):
-        check_gradients(emb, ids)                  # with the input check, x becomes float64
+        check_gradients(emb, ids, check_input=True)   # forcing the input check makes x float64
 
 
 def test_integer_x_of_a_float_module_is_still_promoted(rng):
@@ -417,3 +418,14 @@ def test_empty_integer_ids_raise():
     from lora_np import Embedding
     with pytest.raises(ValueError, match="x must be a non-empty array"):
         check_gradients(Embedding(5, 3), np.zeros((0, 2), dtype=int), check_input=False)
+
+
+def test_token_ids_are_checked_without_an_input_gradient_by_default():
+    # an integer x for an Embedding stays integer and only the parameters are checked
+    from lora_np import Embedding
+    emb = Embedding(5, 3, rng=0)
+    rows = check_gradients(emb, np.array([[0, 3, 3, 1]]))
+    assert [r.name for r in rows] == ["W"] and rows[0].passed
+    # a float x keeps its input row
+    lin = Linear(3, 2, rng=0)
+    assert "x" in [r.name for r in check_gradients(lin, np.ones((2, 3)))]

@@ -59,6 +59,8 @@ class LanguageModel(Module):
     random unit-scale table, which trained faster than N(0, 1) tables in our runs.
     """
 
+    takes_token_ids = True
+
     def __init__(self, vocab_size, d_model=96, n_heads=4, n_layers=3, d_hidden=384, context=64,
                  rng=None, dtype=np.float64):
         super().__init__()
