@@ -25,7 +25,7 @@ from . import functional as F
 from .validate import check_bool, check_choice, check_dtype, check_int, check_number
 
 __all__ = ["Module", "Linear", "Embedding", "ModuleList", "LayerNorm", "MLP", "MultiHeadAttention",
-           "TransformerBlock", "make_rng", "no_grad"]
+           "TransformerBlock", "make_rng", "no_grad", "batched_mean_loss"]
 
 
 def make_rng(rng) -> np.random.Generator:
@@ -63,6 +63,29 @@ def no_grad():
         yield
     finally:
         _GRAD_ENABLED.reset(token)
+
+
+def batched_mean_loss(model, x, y, loss_fn, batch_size: int) -> float:
+    """``loss_fn``'s loss of ``model`` on (x, y), as the row-weighted mean over batches::
+
+        L = Σ_b n_b · loss_fn(model(x_b), y_b) / N        (batches of ``batch_size`` rows, in order)
+
+    which is the loss over all N rows for a loss that is a mean over rows of equal size (MSE,
+    cross-entropy), without one huge forward. Runs in eval mode (no dropout) inside
+    ``no_grad()`` (nothing kept for backward) and restores the model's mode. Deterministic.
+    Used by ``train.evaluate`` and ``text.corpus.lm_loss``.
+    """
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        with no_grad():
+            for start in range(0, len(x), batch_size):
+                xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+                total += float(loss_fn(model(xb), yb)[0]) * len(xb)
+    finally:
+        model.train(was_training)
+    return total / len(x)
 
 
 class _Pass:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import functional as F
-from .modules import Module, make_rng
+from .modules import Module, batched_mean_loss, make_rng
 from .optim import SGD, Adam, Optimizer
 from .validate import check_choice, check_float_array, check_int, check_number
 
@@ -110,16 +110,12 @@ def evaluate(model: Module, x: np.ndarray, y: np.ndarray, loss_fn=F.mse_loss,
     """
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, minimum=1)
+    if batch_size is not None and batch_size < len(x):
+        return batched_mean_loss(model, x, y, loss_fn, batch_size)
     was_training = model.training
     model.eval()
     try:
-        if batch_size is None or batch_size >= len(x):
-            return float(loss_fn(model(x), y)[0])
-        total = 0.0
-        for start in range(0, len(x), batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            total += float(loss_fn(model(xb), yb)[0]) * len(xb)
-        return total / len(x)
+        return float(loss_fn(model(x), y)[0])
     finally:
         model.train(was_training)
 

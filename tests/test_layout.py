@@ -1,5 +1,5 @@
 """The layout lora_np/README.md describes: imports point one way, and the code carries no
-references that go stale (a design file that is not in the repository, tracker issue numbers)."""
+references that go stale (a design file outside the repository, tracker issue numbers)."""
 
 import ast
 import pathlib
@@ -81,7 +81,10 @@ def test_gradcheck_imports_only_validate_at_module_level():
         assert not top or name == "validate", f"gradcheck.py:{line} imports {name} at module level"
 
 
-STALE = [(re.compile(r"DESIGN\.md"), "DESIGN.md is not in the repository; point to lora_np/README.md"),
+# the team's design file lives outside the repository; its name is spelled in two pieces here
+# so that this file does not cite it
+DESIGN_FILE = "DESIGN" + ".md"
+STALE = [(re.compile(re.escape(DESIGN_FILE)), "the design file is not in the repository; point to lora_np/README.md"),
          (re.compile(r"\bissue \d+|\bthe issue'?s\b", re.I), "a tracker reference goes stale")]
 
 

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import functional as F
-from ..modules import Module, no_grad
+from ..modules import Module, batched_mean_loss
 from ..validate import check_choice, check_int, check_number
 from .tokenizer import CharTokenizer
 
@@ -144,17 +144,7 @@ def lm_loss(model: Module, x, y, batch_size: int = 256) -> float:
         if not np.issubdtype(a.dtype, np.integer):
             raise TypeError(f"lm_loss: {name} must hold integer ids, got dtype {a.dtype}")
     batch_size = check_int("batch_size", batch_size, minimum=1)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    try:
-        with no_grad():
-            for start in range(0, len(x), batch_size):
-                xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-                total += F.cross_entropy_loss(model(xb), yb)[0] * len(xb)
-    finally:
-        model.train(was_training)
-    return total / len(x)
+    return batched_mean_loss(model, x, y, F.cross_entropy_loss, batch_size)
 
 
 def _check_ids(name, ids) -> np.ndarray:
