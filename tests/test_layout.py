@@ -16,12 +16,13 @@ LAYERS = {
     "validate": 0,
     "functional": 1,
     "modules": 2,
+    "peft": 2.5,                # PEFT's adapter folder (safetensors + JSON), read and written for lora.py
     "lora": 3, "optim": 3, "quant": 3,
     "tasks": 4, "text": 4,
     "gradcheck": 4.5,           # its standard cases build layers, LoRA and the language model (local imports)
     "train": 5,
     "fair": 5.5,                # the protocol experiments use
-    "experiments": 6, "variants": 6, "text_experiment": 6,
+    "experiments": 6, "variants": 6, "text_experiment": 6, "deploy": 6,
     "plots": 7,
     "__main__": 8, "bench": 8, "pretrain": 8, "assignments": 8,
 }
