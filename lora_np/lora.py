@@ -507,6 +507,19 @@ def _embedding_kwargs(path, use_dora, lora_kwargs) -> dict:
     return {k: v for k, v in lora_kwargs.items() if k == "rslora"}
 
 
+def _linear_adapter(path, m, cls):
+    """The adapter class for the Linear ``m``: the class its type names in ``lora_class`` (a
+    quantised layer names the adapter that reads its stored codes), else ``cls`` (LoRALinear or
+    DoRALinear). DoRA on a layer with its own adapter class is refused."""
+    own = getattr(type(m), "lora_class", None)
+    if own is None:
+        return cls
+    if cls is DoRALinear:
+        raise ValueError(f"add_lora: {path!r} is a {type(m).__name__}, whose adapter is {own.__name__}; "
+                         "use_dora=True is not supported on it")
+    return own
+
+
 def add_lora(model: Module, targets, r: int, alpha: float, use_dora: bool = False,
              **lora_kwargs) -> Module:
     """Wrap the named ``Linear`` layers of ``model`` in ``LoRALinear`` (and ``Embedding`` layers
@@ -528,7 +541,7 @@ def add_lora(model: Module, targets, r: int, alpha: float, use_dora: bool = Fals
     rng = make_rng(lora_kwargs.pop("rng", None))
     # build every wrapper first (this validates r, alpha, ...) and only then change the model
     wrapped = {p: LoRAEmbedding(m, r, alpha, rng=rng, **_embedding_kwargs(p, use_dora, lora_kwargs))
-               if isinstance(m, Embedding) else cls(m, r, alpha, rng=rng, **lora_kwargs)
+               if isinstance(m, Embedding) else _linear_adapter(p, m, cls)(m, r, alpha, rng=rng, **lora_kwargs)
                for p, m in chosen.items()}
     # freeze everything else, but not the factors of adapters added by an earlier add_lora call
     # (model.freeze() would silently stop training them)

@@ -17,7 +17,8 @@ LAYERS = {
     "functional": 1,
     "modules": 2,
     "peft": 2.5,                # PEFT's adapter folder (safetensors + JSON), read and written for lora.py
-    "lora": 3, "optim": 3, "quant": 3,
+    "lora": 3, "optim": 3,
+    "quant": 3.5,               # NF4 and the quantised layer; its LoRA adapter subclasses LoRALinear
     "tasks": 4, "text": 4,
     "gradcheck": 4.5,           # its standard cases build layers, LoRA and the language model (local imports)
     "train": 5,
