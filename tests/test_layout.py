@@ -22,12 +22,13 @@ LAYERS = {
     "tasks": 4, "text": 4,
     "gradcheck": 4.5,           # its standard cases build layers, LoRA and the language model (local imports)
     "train": 5,
+    "grading": 5,               # the assignments' grader: finite differences (gradcheck) and the reference forms (functional)
     "fair": 5.5,                # the protocol experiments use
     "experiments": 6, "variants": 6, "text_experiment": 6, "deploy": 6,
     "plots": 7,
     "__main__": 8, "bench": 8, "pretrain": 8, "assignments": 8,
 }
-LEAVES = {"validate", "counting", "analysis", "machine", "grading", "claims"}
+LEAVES = {"validate", "counting", "analysis", "machine", "claims"}
 
 
 def _module_name(path: pathlib.Path) -> str:
