@@ -33,8 +33,10 @@ def test_eckart_young_uses_the_tail_energy():
     assert_readable(fig)
     ax_s, ax_err = fig.axes
     pred = line(ax_err, r"Eckart–Young: $\sqrt{\sum_{i>r}\sigma_i^2}\ /\ \Vert M\Vert_F$")
-    np.testing.assert_allclose(pred.get_ydata(), [1.0, 0.6, 0.0])
-    np.testing.assert_array_equal(pred.get_ydata(), np.sqrt(tail_energy(sigma, relative=True)))
+    np.testing.assert_array_equal(pred.get_xdata(), [1, 2])          # r = 1 … p: a plain log axis
+    np.testing.assert_allclose(pred.get_ydata(), [0.6, 0.0])
+    np.testing.assert_array_equal(pred.get_ydata(), np.sqrt(tail_energy(sigma, relative=True))[1:])
+    assert ax_err.get_xscale() == "log"
     np.testing.assert_array_equal(ax_s.get_lines()[0].get_ydata(), sigma)
     assert "M" in ax_s.get_title()
 
@@ -44,6 +46,11 @@ def test_eckart_young_refuses_a_spectrum_it_cannot_draw(sigma, match):
     # zero or negative σ used to pass the check named "_check_1d_positive" unnoticed
     with pytest.raises(ValueError, match=match):
         plot_eckart_young(sigma, [1], [0.5])
+
+
+def test_eckart_young_refuses_rank_zero_on_its_log_axis():
+    with pytest.raises(ValueError, match=">= 1"):
+        plot_eckart_young([2.0, 1.0], [0, 1], [1.0, 0.5])
 
 
 def test_eckart_young_one_error_per_rank():
@@ -90,9 +97,16 @@ def test_softmax_jacobian():
     p = np.array([0.5, 0.3, 0.2])
     J = np.diag(p) - np.outer(p, p)
     fig = plot_softmax_jacobian(p, J)
-    ax_p, ax_J = fig.axes[:2]
+    assert_readable(fig)
+    ax_p, ax_J, ax_c = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert [b.get_height() for b in ax_p.patches] == pytest.approx(p)
-    assert len(ax_J.texts) == 9 and ax_J.texts[1].get_text() == f"{J[0, 1]:+.4f}"
+    # only the diagonal is written out, two decimals, so that a projector can show it
+    assert [t.get_text() for t in ax_J.texts] == [f"{J[i, i]:.2f}" for i in range(3)]
+    assert [t.get_position() for t in ax_J.texts] == [(i, i) for i in range(3)]
+    assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
+    curve = line(ax_c, "$p(1-p)$")
+    assert curve.get_xdata()[np.argmax(curve.get_ydata())] == pytest.approx(0.5)   # peaks at ½
+    np.testing.assert_allclose(line(ax_c, "this row's $p_i$").get_ydata(), np.diag(J))
     with pytest.raises(ValueError, match=r"shape \(3, 3\)"):
         plot_softmax_jacobian(p, J[:2])
 
@@ -111,6 +125,8 @@ def test_fd_error_vs_h():
     np.testing.assert_array_equal(line(ax, "float64").get_xdata(), hs)   # in the order given
     np.testing.assert_array_equal(line(ax, "exact").get_ydata(), np.full(5, 1e-17))
     assert line(ax, "h²").get_linestyle() == ":"
+    assert "exact" in ax.get_ylabel()                 # an error relative to the exact value
+    assert plot_fd_error_vs_h(hs, {"e": hs}, ylabel="other").axes[0].get_ylabel() == "other"
 
 
 @pytest.mark.parametrize("hs", [[1e-1, 0.0], [1e-1, -1e-3]])
@@ -133,3 +149,14 @@ def test_gradcheck_errors_marks_structural_zeros():
     assert [list(l.get_ydata()) for l in dots] == [[0, 0], [1]]
     assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [1e-16]   # 0 drawn at 1e-16, on row 1
     assert list(crosses[0].get_ydata()) == [1]
+    # the crosses are absolute errors: the x label must not call everything relative
+    assert "absolute" in ax.get_xlabel() and "relative" in ax.get_xlabel()
+    assert any("absolute" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_gradcheck_errors_without_structural_zeros_says_relative():
+    rows = [SimpleNamespace(rel_error=1e-9, structural_zero=False)]
+    (ax,) = plot_gradcheck_errors([("Linear", rows)], 1e-7).axes
+    assert "relative" in ax.get_xlabel() and "absolute" not in ax.get_xlabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        r"relative error $\Vert a-n\Vert\,/\,(\Vert a\Vert+\Vert n\Vert)$"]

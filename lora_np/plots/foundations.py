@@ -46,26 +46,29 @@ def plot_images(images, titles, suptitle=None, ncols=None, path=None) -> Figure:
 def plot_eckart_young(sigma, ranks, measured, name="the matrix", path=None) -> Figure:
     """Left: singular values σ_i of a matrix M (log scale). Right: the relative error of the
     best rank-r approximation, ‖M − M_r‖_F / ‖M‖_F, as predicted by Eckart–Young,
-    √(Σ_{i>r} σ_i²) / √(Σ σ_i²) (line, ``analysis.tail_energy``), and as measured (dots, one per
-    entry of ``ranks``).
+    √(Σ_{i>r} σ_i²) / √(Σ σ_i²) (line, ``analysis.tail_energy``, at r = 1 … p), and as measured
+    (dots, one per entry of ``ranks``), against r on a plain log axis (r = 0, where the error is
+    1 by definition, has no place on it).
 
-    sigma : (p,) singular values > 0 (drawn on a log axis), descending;  ranks : (m,) ints;
+    sigma : (p,) singular values > 0 (drawn on a log axis), descending;  ranks : (m,) ints ≥ 1;
     measured : (m,) errors;  name : what the matrix is, for the left panel's title
     """
     sigma = check_descending_positive("sigma", sigma)
     v = check_same_length(ranks=ranks, measured=measured)
+    if np.any(v["ranks"] < 1):
+        raise ValueError(f"ranks must be >= 1 (drawn on a log axis), got {v['ranks'].tolist()}")
     predicted = np.sqrt(tail_energy(sigma, relative=True))          # [r] = ‖M − M_r‖_F / ‖M‖_F
     with teaching_figure(1, 2, figsize=(13, 4.8), path=path, pad=WIDE_PAD) as (fig, (ax1, ax2)):
         ax1.semilogy(np.arange(1, sigma.size + 1), sigma, color="C0")
-        ax1.set(xlabel="index i", ylabel="singular value σᵢ", title=f"Singular values of {name}")
-        ax2.plot(np.arange(sigma.size + 1), predicted, color="C0",
+        ax1.set(xlabel="index $i$", ylabel=r"singular value $\sigma_i$", title=f"Singular values of {name}")
+        ax2.plot(np.arange(1, sigma.size + 1), predicted[1:], color="C0",
                  label=r"Eckart–Young: $\sqrt{\sum_{i>r}\sigma_i^2}\ /\ \Vert M\Vert_F$")
         ax2.plot(v["ranks"], v["measured"], "o", color="C3", markersize=9,
                  label=r"measured $\Vert M - M_r\Vert_F\ /\ \Vert M\Vert_F$")
-        ax2.set_xscale("symlog", linthresh=1)
+        ax2.set_xscale("log")
         ax2.set_ylim(0, 1.02)
-        ax2.set(xlabel="rank r (symlog scale)", ylabel="relative error",
-                title="Error of the best rank-r approximation")
+        ax2.set(xlabel="rank $r$ (log scale)", ylabel="relative error",
+                title="Error of the best rank-$r$ approximation")
         ax2.legend(loc="upper right")
     return fig
 
@@ -135,8 +138,11 @@ def plot_heatmaps(matrices, suptitle=None, path=None, cmap="RdBu_r") -> Figure:
 
 
 def plot_softmax_jacobian(p, J, path=None) -> Figure:
-    """Left: the probabilities p of one softmax row (bars). Right: its Jacobian
-    J = diag(p) − p pᵀ as an annotated heatmap (red positive, blue negative).
+    """Three panels for one softmax row. Left: its probabilities p (bars). Middle: its Jacobian
+    J = diag(p) − p pᵀ as a heat map with a colour bar (red positive, blue negative); only the
+    diagonal p_i(1 − p_i) is written out, with two decimals, so the labels stay readable when
+    projected. Right: the curve p(1 − p), which peaks at p = ½ and vanishes at p = 0 and 1,
+    with the row's own p_i on it.
 
     p : (T,);  J : (T, T)
     """
@@ -144,22 +150,27 @@ def plot_softmax_jacobian(p, J, path=None) -> Figure:
     T = p.size
     if J.shape != (T, T):
         raise ValueError(f"J must have shape ({T}, {T}) to match p, got {J.shape}")
-    with teaching_figure(1, 2, figsize=(13, 5.6), path=path, pad=WIDE_PAD,
-                         gridspec_kw={"width_ratios": [1, 1.35]}) as (fig, (ax1, ax2)):
+    with teaching_figure(1, 3, figsize=(19, 5.8), path=path, pad=WIDE_PAD,
+                         gridspec_kw={"width_ratios": [1, 1.3, 1]}) as (fig, (ax1, ax2, ax3)):
         ax1.bar(np.arange(T), p, color="C0")
-        ax1.set(xlabel="key j", ylabel="probability pⱼ", title="softmax of one row of scores",
+        ax1.set(xlabel="key $j$", ylabel="probability $p_j$", title="softmax of one row of scores",
                 xticks=np.arange(T))
         lim = float(np.abs(J).max())
         im = ax2.imshow(J, cmap="RdBu_r", vmin=-lim, vmax=lim)
         for i in range(T):
-            for j in range(T):
-                # 4 decimals: the smallest off-diagonal -p_i p_j must not print as "-0.000"
-                ax2.text(j, i, f"{J[i, j]:+.4f}", ha="center", va="center", fontsize=10.5,
-                         color="white" if abs(J[i, j]) > 0.6 * lim else "black")
-        ax2.set(xlabel="score j", ylabel="probability i", xticks=np.arange(T), yticks=np.arange(T),
-                title="Jacobian ∂pᵢ/∂Sⱼ = pᵢ(δᵢⱼ − pⱼ)")
+            ax2.text(i, i, f"{J[i, i]:.2f}", ha="center", va="center", fontsize=15,
+                     color="white" if abs(J[i, i]) > 0.6 * lim else "black")
+        ax2.set(xlabel="score $j$", ylabel="probability $i$", xticks=np.arange(T), yticks=np.arange(T),
+                title=r"Jacobian $\partial p_i/\partial S_j = p_i(\delta_{ij} - p_j)$")
         ax2.grid(False)
         fig.colorbar(im, ax=ax2, fraction=0.046, pad=0.04)
+        grid = np.linspace(0.0, 1.0, 201)
+        ax3.plot(grid, grid * (1 - grid), color="0.4", label="$p(1-p)$")
+        ax3.plot(p, p * (1 - p), "o", color="C3", markersize=10, label="this row's $p_i$")
+        ax3.axvline(0.5, color="0.6", ls=":", lw=1.8)
+        ax3.set(xlabel="probability $p_i$", ylabel=r"diagonal entry $p_i(1-p_i)$",
+                title=r"largest at $p = \frac{1}{2}$, zero at 0 and 1", xlim=(0, 1), ylim=(0, 0.28))
+        ax3.legend(loc="upper right")
     return fig
 
 
@@ -189,8 +200,13 @@ def plot_spectra(spectra, title, floor=1e-17, path=None, ylabel="singular value 
 # --------------------------------------------------------------------- notebook 03
 
 
-def plot_fd_error_vs_h(hs, errors, references=None, title=None, path=None) -> Figure:
-    """Relative error of a finite-difference gradient against the step h, log–log.
+_FD_ERROR_LABEL = r"error relative to the exact value, $|n - a|\,/\,|a|$"
+
+
+def plot_fd_error_vs_h(hs, errors, references=None, title=None, ylabel=_FD_ERROR_LABEL,
+                       path=None) -> Figure:
+    """Error of a finite-difference derivative n against the step h, log–log, measured
+    relative to the exact value a (the default ``ylabel``; pass another one for another error).
 
     hs : (m,) steps h > 0;  errors : dict label -> (m,) relative errors (solid lines with
     markers; an exact 0 is drawn at 1e-17); references : dict label -> (m,) model curves, thin
@@ -206,7 +222,7 @@ def plot_fd_error_vs_h(hs, errors, references=None, title=None, path=None) -> Fi
         for j, (label, e) in enumerate((references or {}).items()):
             ls, color = styles[j % len(styles)]
             ax.loglog(hs, e, ls, color=color, lw=1.8, alpha=0.8, label=label)
-        ax.set(xlabel="step h", ylabel="relative error of the gradient",
+        ax.set(xlabel="step $h$", ylabel=ylabel,
                title=title or "Finite differences: error vs step size")
         ax.set_ylim(1e-12, 30)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=12,
@@ -215,14 +231,16 @@ def plot_fd_error_vs_h(hs, errors, references=None, title=None, path=None) -> Fi
 
 
 def plot_gradcheck_errors(results, threshold, path=None) -> Figure:
-    """Every relative error of a gradient check, one row per layer/block, log x axis, with the
-    pass threshold as a vertical line.
+    """Every error of a gradient check, one row per layer/block, log x axis, with the pass
+    threshold as a vertical line: dots are relative errors ‖a − n‖ / (‖a‖ + ‖n‖)
+    (``gradcheck.rel_error``); crosses are rows with ``structural_zero`` set (the true gradient
+    is 0, so the row holds the absolute error max |a − n|, and its pass rule is max |n| ≤ 1e-7,
+    ``gradcheck.ZERO_NUMERICAL``). The x label says which is which.
 
-    results : list of (title, rows) with rows from ``lora_np.gradcheck.check_gradients``; rows
-    with ``structural_zero`` set (the true gradient is 0, so the error shown is the absolute
-    max |a − n|) are drawn as crosses.
+    results : list of (title, rows) with rows from ``lora_np.gradcheck.check_gradients``
     """
-    with teaching_figure(figsize=(11, 0.55 * len(results) + 1.8), path=path, pad=WIDE_PAD) as (fig, (ax,)):
+    any_zero = any(r.structural_zero for _, rows in results for r in rows)
+    with teaching_figure(figsize=(11, 0.55 * len(results) + 2.2), path=path, pad=WIDE_PAD) as (fig, (ax,)):
         for y, (title, rows) in enumerate(results):
             rel = [r.rel_error for r in rows if not r.structural_zero]
             zero = [r.rel_error for r in rows if r.structural_zero]
@@ -232,12 +250,15 @@ def plot_gradcheck_errors(results, threshold, path=None) -> Figure:
                             markersize=10, mew=2.5)
         ax.axvline(threshold, color="C3", lw=2.5)
         ax.text(threshold * 1.3, -0.6, f"threshold {threshold:.0e}", color="C3", fontsize=12)
-        ax.plot([], [], "o", color="C0", label="relative error of one gradient")
-        ax.plot([], [], "x", color="C1", mew=2.5, label="key bias: max |a − n| (true gradient 0)")
+        ax.plot([], [], "o", color="C0", label=r"relative error $\Vert a-n\Vert\,/\,(\Vert a\Vert+\Vert n\Vert)$")
+        if any_zero:
+            ax.plot([], [], "x", color="C1", mew=2.5,
+                    label=r"key bias (true gradient 0): absolute error $\max|a-n|$")
         ax.set_yticks(range(len(results)), [t for t, _ in results], fontsize=11)
         ax.set_ylim(len(results) - 0.4, -1.0)
         ax.set_xlim(1e-12, 1e-2)
-        ax.set(xlabel="relative error ‖a − n‖ / (‖a‖ + ‖n‖)  (a analytic, n numerical)",
-               title="Every gradient of every layer vs finite differences (float64)")
+        xlabel = (r"error ($a$ analytic, $n$ numerical): dots relative, crosses absolute" if any_zero
+                  else r"relative error $\Vert a-n\Vert\,/\,(\Vert a\Vert+\Vert n\Vert)$ ($a$ analytic, $n$ numerical)")
+        ax.set(xlabel=xlabel, title="Every gradient of every layer vs finite differences (float64)")
         ax.legend(loc="lower right", fontsize=11)
     return fig
