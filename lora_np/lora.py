@@ -581,22 +581,56 @@ def unmerge_lora(model: Module) -> Module:
 
 # --------------------------------------------------------------------- adapter files
 
+from . import peft as _peft  # noqa: E402  (PEFT's folder layout; peft sits below lora)
 
-def save_adapter(model: Module, path) -> None:
-    """Save only the LoRA factors and their config to ``path`` (``.npz``).
+ADAPTER_FORMATS = ("npz", "peft")
 
-    Keys: ``"<layer>.A"``, ``"<layer>.B"`` (and ``"<layer>.m"`` for DoRA layers) and
-    ``"__config__"`` (a JSON string stored as a NumPy unicode array, so loading never needs
-    pickle). For a PiSSA layer the frozen residual ``W_res`` is part of the model, not of the
-    adapter: the adapter applies only to a layer built with ``init="pissa"`` from the same W
-    (PEFT's documentation makes the same point and offers a conversion to a plain LoRA
-    adapter; lora_np records ``‖W_res‖_F`` in the config and checks it on load instead).
-    """
+
+def _saveable_layers(model: Module, who: str) -> dict:
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("save_adapter: the model has no LoRA layers; call add_lora first")
+        raise ValueError(f"{who}: the model has no LoRA layers; call add_lora first")
     if any(m.merged for m in layers.values()):
-        raise ValueError("save_adapter: unmerge the model first (A and B are saved, W is not)")
+        raise ValueError(f"{who}: unmerge the model first (A and B are saved, W is not)")
+    return layers
+
+
+def save_adapter(model: Module, path, format: str = "npz", *, base_model_name_or_path=None,
+                 task_type=None) -> None:
+    """Save only the LoRA factors and their config: an ``.npz`` file (``format="npz"``, the
+    default) or PEFT's adapter folder (``format="peft"``).
+
+    ``"npz"``: keys ``"<layer>.A"``, ``"<layer>.B"`` (and ``"<layer>.m"`` for DoRA layers) and
+    ``"__config__"`` (a JSON string stored as a NumPy unicode array, so loading never needs
+    pickle), written to exactly ``path``.
+
+    ``"peft"``: ``path`` is a folder (created if missing) that receives ``adapter_config.json``
+    and ``adapter_model.safetensors`` as Hugging Face PEFT writes them (``save_pretrained``), so
+    ``PeftModel.from_pretrained(torch_model, path)`` loads it onto a PyTorch model whose modules
+    have the same dotted names and shapes. Keys ``base_model.model.<layer>.lora_A.weight`` (A,
+    (r, d_in)), ``….lora_B.weight`` (B, (d_out, r)), ``….lora_magnitude_vector`` (DoRA's m,
+    (d_out,)), ``….lora_embedding_A`` / ``….lora_embedding_B`` (an Embedding's A (r, V), B (d, r));
+    config ``peft_type "LORA"``, ``r``, ``lora_alpha`` (layers that differ: ``rank_pattern`` /
+    ``alpha_pattern``), ``target_modules``, ``lora_dropout``, ``use_rslora``, ``use_dora``,
+    ``init_lora_weights``, ``bias "none"``, ``fan_in_fan_out false``, ``task_type`` and
+    ``base_model_name_or_path`` (both None unless given). The arrays keep the model's dtype.
+    Refused (PEFT has one value for all layers): layers that differ in rsLoRA, DoRA, init or
+    dropout, and DoRA next to a LoRA embedding. See ``lora_np.peft``.
+
+    For a PiSSA layer the frozen residual ``W_res`` is part of the model, not of the
+    adapter: the adapter applies only to a layer built with ``init="pissa"`` from the same W
+    (PEFT's documentation makes the same point and offers a conversion to a plain LoRA
+    adapter). lora_np records ``‖W_res‖_F`` (in the npz config; in the safetensors metadata
+    under ``"lora_np"``) and checks it on load; the PEFT folder says ``init_lora_weights:
+    "pissa"``, and PEFT redoes the SVD of the original weight on loading, as lora_np does.
+    """
+    check_choice("format", format, ADAPTER_FORMATS)
+    if format == "npz" and (base_model_name_or_path is not None or task_type is not None):
+        raise TypeError("save_adapter: base_model_name_or_path and task_type are PEFT config fields; "
+                        "pass format='peft' with them")
+    layers = _saveable_layers(model, "save_adapter")
+    if format == "peft":
+        return _save_peft(model, layers, path, base_model_name_or_path, task_type)
     config = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION,
               "layers": {p: m.config() for p, m in layers.items()}}
     arrays = {"__config__": np.array(json.dumps(config, sort_keys=True))}
@@ -605,6 +639,30 @@ def save_adapter(model: Module, path) -> None:
             arrays[f"{p}.{name}"] = getattr(m, name)
     with open(path, "wb") as fh:        # exactly ``path``: np.savez(str) would append ".npz",
         np.savez(fh, **arrays)          # and load_adapter(path) would then not find the file
+
+
+def _kind(m) -> str:
+    return "embedding" if isinstance(m, LoRAEmbedding) else "linear"
+
+
+def _peft_description(m) -> dict:
+    """What ``lora_np.peft`` needs to know of a LoRA layer (plain values, no layer objects)."""
+    cfg = m.config()
+    return {"kind": _kind(m), "r": m.r, "alpha": m.alpha, "rslora": m.rslora,
+            "dora": isinstance(m, DoRALinear), "dropout": getattr(m, "dropout", 0.0),
+            "init": getattr(m, "init", None), "W_res_norm": cfg.get("W_res_norm"),
+            "shapes": {n: getattr(m, n).shape for n in m.adapter_names}, "dtype": m.dtype}
+
+
+def _save_peft(model, layers, path, base_model_name_or_path, task_type):
+    described = {p: _peft_description(m) for p, m in layers.items()}
+    config = _peft.build_config(described, [p for p, _ in model.named_modules()],
+                                base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    tensors = {_peft.tensor_key(p, _kind(m), name): getattr(m, name)
+               for p, m in layers.items() for name in m.adapter_names}
+    res = {p: d["W_res_norm"] for p, d in described.items() if d["W_res_norm"] is not None}
+    metadata = {"lora_np": json.dumps({"W_res_norm": res}, sort_keys=True)} if res else None
+    _peft.write_folder(path, config, tensors, metadata)
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -671,10 +729,20 @@ def _read_adapter(path):
 def load_adapter(model: Module, path) -> Module:
     """Load A and B (and m for DoRA) saved by ``save_adapter`` into ``model``'s LoRA layers (in place).
 
-    The model must already have LoRA on the same layers with the same shapes, rank, alpha,
-    scaling and kind (LoRA or DoRA; a PiSSA adapter needs a PiSSA layer with the same residual
-    W); any mismatch raises ValueError naming the layer, and the model is left unchanged.
+    ``path`` is a lora_np ``.npz`` file, or a PEFT adapter folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``, written by ``save_adapter(..., format="peft")`` or by PEFT's
+    ``save_pretrained``; the folder, or either file in it). The model must already have LoRA on
+    the same layers with the same shapes, rank, alpha, scaling and kind (LoRA or DoRA, Linear or
+    Embedding; a PiSSA adapter needs a PiSSA layer with the same residual W); any mismatch raises
+    ValueError naming the layer or key, and the model is left unchanged. A PEFT folder is also
+    refused for an option lora_np does not represent (``fan_in_fan_out: true``, a ``bias`` other
+    than "none", ``modules_to_save``, an init that rewrites the base weights other than exact
+    PiSSA, …), for bfloat16 tensors (safetensors' NumPy API cannot read them: convert to float32
+    first) and for a pickled ``adapter_model.bin``; float16/32/64 tensors are cast to the
+    model's dtype. Nothing is ever unpickled.
     """
+    if _peft.is_peft_path(path):
+        return _load_peft(model, path)
     config, arrays = _read_adapter(path)
     layers = lora_layers(model)
     saved = config["layers"]
@@ -718,4 +786,18 @@ def load_adapter(model: Module, path) -> Module:
     for p, m in layers.items():                      # everything checked: now write
         for name in m.adapter_names:
             getattr(m, name)[...] = arrays[f"{p}.{name}"]
+    return model
+
+
+def _load_peft(model: Module, path) -> Module:
+    config, tensors, metadata = _peft.read_folder(path)
+    layers = lora_layers(model)
+    for p, m in layers.items():
+        if m.merged:
+            raise ValueError(f"load_adapter: layer {p!r} is merged; unmerge the model first")
+    arrays = _peft.match_layers(config, tensors, metadata,
+                                {p: _peft_description(m) for p, m in layers.items()})
+    for p, m in layers.items():                      # everything checked: now write
+        for name, a in arrays[p].items():
+            getattr(m, name)[...] = a
     return model
