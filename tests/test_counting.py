@@ -390,3 +390,109 @@ def test_state_bytes_model_by_hand():
     assert state_bytes_model("mlp", d, r, np.float64) == 8 * (P + 4 * 2 * (r * d + d * r))
     with pytest.raises(ValueError, match="model must be one of"):
         state_bytes_model("transformer", d)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole of training memory (Hu et al. 2021 §4.2; Korthikanti et al. 2022 §4.1)
+# ---------------------------------------------------------------------------------------------
+
+def test_configs_carry_heads_and_context():
+    g = MODEL_CONFIGS["gpt3-175b"]
+    assert (g.n_heads, g.context) == (96, 2048) and g.d_model // g.n_heads == 128
+    assert all(c.n_heads and c.context and c.d_model % c.n_heads == 0 for c in MODEL_CONFIGS.values())
+    assert ModelConfig("tiny", 8, 2, 32, 1000).n_heads is None
+
+
+def test_inference_flops_of_a_linear_and_an_unmerged_lora_layer():
+    assert counting.linear_forward_flops(5, 4, 3) == 2 * 5 * 4 * 3 + 5 * 3
+    assert counting.linear_forward_flops(5, 4, 3, bias=False) == 2 * 5 * 4 * 3
+    # the branch: H = X Aᵀ (2Nr d_in), s·H (Nr), H Bᵀ (2Nr d_out), add (N d_out)
+    assert counting.lora_forward_flops(5, 4, 3, 2) == 135 + 2 * 5 * 2 * 4 + 5 * 2 + 2 * 5 * 2 * 3 + 5 * 3
+    # the same forward lora_linear_step_flops counts inside a training step
+    N, d_in, d_out, r = 7, 6, 5, 2
+    step = lora_linear_step_flops(N, d_in, d_out, r)
+    backward_and_adam = (2 * N * r * d_out + N * r + 2 * N * r * d_out + r * d_out + 2 * N * r * d_in
+                         + 2 * N * d_in * d_out + 2 * N * r * d_in + N * d_in + ADAM_FLOPS_PER_PARAM * r * (d_in + d_out))
+    assert counting.lora_forward_flops(N, d_in, d_out, r) == step - backward_and_adam
+    with pytest.raises(TypeError):
+        counting.lora_forward_flops(5, 4, 3, 2.0)
+
+
+def test_training_memory_gpt3_full_vs_lora():
+    n = MODEL_CONFIGS["gpt3-175b"].n_params
+    lora = lora_param_count("gpt3-175b", ("q_proj", "v_proj"), 4)
+    full = counting.training_memory(0, n, "fp16-adam")
+    assert full == counting.TrainingMemory(350e9, 350e9, 700e9, 0, 0) and full.total == 1.4e12
+    assert full.total == total_state_bytes(n, 0, "adam", np.float16)        # the simple model, same number
+    lo = counting.training_memory(n, lora, "fp16-adam")
+    assert lo.weights == (n + lora) * 2 and lo.gradients == 2 * lora and lo.optimizer == 4 * lora
+    assert 3.99 < full.total / lo.total < 4.0                               # bounded by (2+2+4)/2
+    mixed = counting.training_memory(0, n, "mixed-adam")
+    assert mixed.total == 16 * n                                            # ZeRO's 16Ψ
+    assert 7.99 < mixed.total / counting.training_memory(n, lora, "mixed-adam").total < 8.0
+    # the paper's sentence: "we do not need to store the optimizer states" — weights + m + v
+    assert (full.weights + full.optimizer) / lo.weights == pytest.approx(3.0, rel=1e-3)
+
+
+def test_training_memory_adds_activations_and_checks_input():
+    m = counting.training_memory(10, 4, "fp32-adam", activation_bytes=100)
+    assert m == (56, 16, 32, 0, 100) and m.state == 104 and m.total == 204
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        counting.training_memory(1, 1, "bf16")
+    with pytest.raises(ValueError, match="n_trainable"):
+        counting.training_memory(1, -1)
+
+
+def test_activation_parts_sum_to_korthikanti():
+    s, b, h, a = 2048, 1, 12288, 96
+    parts = counting.activation_parts(s, b, h, a)
+    assert counting.activation_bytes(parts, 2) == s * b * h * (34 + 5 * a * s // h)
+    assert counting.activation_bytes(parts, 2) == counting.korthikanti_activation_bytes(s, b, h, a)
+    by_block = {blk: counting.activation_bytes([p for p in parts if p.block == blk]) for blk in
+                ("attention", "mlp", "layernorm")}
+    assert by_block == {"attention": 11 * s * b * h + 5 * a * s * s * b, "mlp": 19 * s * b * h,
+                        "layernorm": 4 * s * b * h}
+    plain = counting.activation_parts(s, b, h, a, dropout=False)
+    assert sum(p.values for p in plain) == 16 * s * b * h + a * s * s * b and not any(p.is_mask for p in plain)
+    # GPT-3 175B, one sequence of 2048, 96 layers: 275 GB without recomputation
+    assert counting.korthikanti_activation_bytes(s, b, h, a, 96) == 96 * 2048 * 12288 * 114
+    assert counting.korthikanti_activation_bytes(s, b, h, a, 96, "selective") == 96 * 34 * s * b * h
+    assert counting.korthikanti_activation_bytes(s, b, h, a, 96, "full") == 96 * 2 * s * b * h
+
+
+def test_activation_bad_input():
+    with pytest.raises(TypeError):
+        counting.activation_parts(2048.0, 1, 8, 2)
+    with pytest.raises(ValueError, match="recompute"):
+        counting.korthikanti_activation_bytes(8, 1, 8, 2, recompute="some")
+    with pytest.raises(TypeError, match="ActivationPart"):
+        counting.activation_bytes([(1, 2)])
+
+
+def test_measured_activations_of_a_block_are_the_formula_plus_what_lora_np_keeps_extra():
+    from lora_np import TransformerBlock, add_lora
+    s, b, h, a = 16, 2, 32, 4
+    sbh, ass, sb = s * b * h, a * s * s * b, s * b
+    x = np.random.default_rng(0).standard_normal((b, s, h))
+    block = TransformerBlock(h, a, 4 * h, causal=True, rng=0)
+    block(x)
+    got = {k: v // 8 for k, v in counting.measured_activation_bytes(block).items()}      # float64 numbers
+    formula = sum(p.values for p in counting.activation_parts(s, b, h, a, dropout=False))
+    # lora_np keeps GELU's tanh too (4sbh) and each LayerNorm's 1/σ (sb), beyond the formula
+    assert sum(got.values()) == formula + 4 * sbh + 2 * sb
+    assert got == {"ln1": sbh + sb, "attn": 3 * sbh + ass, "attn.q_proj": sbh, "attn.o_proj": sbh,
+                   "ln2": sbh + sb, "mlp": 8 * sbh, "mlp.fc1": sbh, "mlp.fc2": 4 * sbh}
+    # LoRA on q, v: the frozen o_proj, fc1, fc2 keep no input (dX = G W needs W, not X)
+    lora = TransformerBlock(h, a, 4 * h, causal=True, rng=0)
+    add_lora(lora, ["q_proj", "v_proj"], r=2, alpha=4.0)
+    lora(x)
+    got = {k: v // 8 for k, v in counting.measured_activation_bytes(lora).items()}
+    assert sum(got.values()) == formula + 4 * sbh + 2 * sb - 6 * sbh + 2 * sb * 2
+    assert "attn.o_proj" not in got and "mlp.fc2" not in got
+    lora.backward(np.ones_like(x))
+    assert counting.measured_activation_bytes(lora) == {}                    # consumed by backward
+
+
+def test_measured_activations_need_a_model():
+    with pytest.raises(TypeError, match="named_modules"):
+        counting.measured_activation_bytes(object())

@@ -79,6 +79,10 @@ class ModelConfig:
     gated_mlp : bool
         True for SwiGLU MLPs (LLaMA): ``gate_proj`` and ``up_proj`` (d_ff, d_model) and
         ``down_proj`` (d_model, d_ff) instead of ``fc1`` and ``fc2``.
+    n_heads : int or None
+        Attention heads per block (the ``a`` of the activation-memory formula, ``memory``).
+    context : int or None
+        Longest sequence the model was trained on (the ``s`` of that formula).
     """
     name: str
     d_model: int
@@ -86,21 +90,31 @@ class ModelConfig:
     d_ff: int
     n_params: float
     gated_mlp: bool = False
+    n_heads: int | None = None
+    context: int | None = None
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {c.name: c for c in [
-    # Brown et al. 2020, Table 2.1 ("GPT-3 175B": n_layers 96, d_model 12288, d_ff = 4 d_model).
-    # Used by Hu et al. 2021 Tables 4-7.
-    ModelConfig("gpt3-175b", d_model=12288, n_layers=96, d_ff=49152, n_params=175e9),
-    # Liu et al. 2019 (RoBERTa reuses BERT-base/large shapes; 125M / 355M). Hu et al. 2021 Table 2.
-    ModelConfig("roberta-base", d_model=768, n_layers=12, d_ff=3072, n_params=125e6),
-    ModelConfig("roberta-large", d_model=1024, n_layers=24, d_ff=4096, n_params=355e6),
+    # Brown et al. 2020, Table 2.1 ("GPT-3 175B": n_layers 96, d_model 12288, d_ff = 4 d_model,
+    # 96 heads of 128) and §2.1 (context 2048). Used by Hu et al. 2021 Tables 4-7.
+    ModelConfig("gpt3-175b", d_model=12288, n_layers=96, d_ff=49152, n_params=175e9,
+                n_heads=96, context=2048),
+    # Liu et al. 2019 (RoBERTa reuses BERT-base/large shapes, 12 / 16 heads, 512 positions;
+    # 125M / 355M). Hu et al. 2021 Table 2.
+    ModelConfig("roberta-base", d_model=768, n_layers=12, d_ff=3072, n_params=125e6,
+                n_heads=12, context=512),
+    ModelConfig("roberta-large", d_model=1024, n_layers=24, d_ff=4096, n_params=355e6,
+                n_heads=16, context=512),
     # Radford et al. 2019, Table 2 (GPT-2 medium / large; the paper lists 345M / 762M, the
-    # released checkpoints hold 355M / 774M, which we use). Used by Hu et al. 2021 Table 3.
-    ModelConfig("gpt2-medium", d_model=1024, n_layers=24, d_ff=4096, n_params=355e6),
-    ModelConfig("gpt2-large", d_model=1280, n_layers=36, d_ff=5120, n_params=774e6),
-    # Touvron et al. 2023 (Llama 2 7B; SwiGLU MLP width 11008; "7B" nominal).
-    ModelConfig("llama2-7b", d_model=4096, n_layers=32, d_ff=11008, n_params=7e9, gated_mlp=True),
+    # released checkpoints hold 355M / 774M, which we use; their configs: 16 / 20 heads,
+    # context 1024). Used by Hu et al. 2021 Table 3.
+    ModelConfig("gpt2-medium", d_model=1024, n_layers=24, d_ff=4096, n_params=355e6,
+                n_heads=16, context=1024),
+    ModelConfig("gpt2-large", d_model=1280, n_layers=36, d_ff=5120, n_params=774e6,
+                n_heads=20, context=1024),
+    # Touvron et al. 2023 (Llama 2 7B; SwiGLU MLP width 11008; 32 heads; context 4096; "7B" nominal).
+    ModelConfig("llama2-7b", d_model=4096, n_layers=32, d_ff=11008, n_params=7e9, gated_mlp=True,
+                n_heads=32, context=4096),
 ]}
 
 #: the adaptable matrices of a Transformer block, by the names lora_np's modules give them

@@ -22,7 +22,7 @@ from .params import MLP_TARGETS
 
 __all__ = ["ADAM_FLOPS_PER_PARAM", "GELU_FORWARD_FLOPS", "GELU_BACKWARD_FLOPS", "MSE_FLOPS",
            "SOFTMAX_FORWARD_FLOPS", "SOFTMAX_BACKWARD_FLOPS", "BENCH_BLOCKS", "BENCH_LORA_TARGETS",
-           "adam_flops", "linear_step_flops", "lora_linear_step_flops", "mlp_step_flops",
+           "adam_flops", "linear_forward_flops", "lora_forward_flops", "linear_step_flops", "lora_linear_step_flops", "mlp_step_flops",
            "attention_step_flops", "state_bytes_model"]
 
 #: Adam per trainable number: m ← β₁m + (1−β₁)g (3), v ← β₂v + (1−β₂)g² (4), √v (1),
@@ -60,6 +60,29 @@ def adam_flops(n_trainable: int) -> int:
     """FLOPs of one Adam step (with the gradient accumulation) over ``n_trainable`` numbers:
     ``ADAM_FLOPS_PER_PARAM · n_trainable``."""
     return ADAM_FLOPS_PER_PARAM * int(n_trainable)
+
+
+def linear_forward_flops(N: int, d_in: int, d_out: int, bias: bool = True) -> int:
+    """FLOPs of an inference forward of a ``Linear``, ``Y = X Wᵀ + b`` on N rows:
+    ``2·N·d_in·d_out`` (+ ``N·d_out`` for the bias). A merged LoRA layer (W ← W + s·B A) costs
+    exactly this: merging adds no FLOPs to inference."""
+    _sizes(N=N, d_in=d_in, d_out=d_out)
+    return 2 * N * d_in * d_out + (N * d_out if bias else 0)
+
+
+def lora_forward_flops(N: int, d_in: int, d_out: int, r: int, bias: bool = True) -> int:
+    """FLOPs of an inference forward of an *unmerged* ``LoRALinear`` on N rows::
+
+        X Wᵀ + b                   2·N·d_in·d_out (+ N·d_out)    linear_forward_flops
+        H = X Aᵀ,  s·H             2·N·r·d_in + N·r
+        (sH) Bᵀ, add to Y          2·N·r·d_out + N·d_out
+
+    so the branch adds ``2·N·r·(d_in + d_out) + N·r + N·d_out`` to the base layer's FLOPs, the
+    same forward ``lora_linear_step_flops`` counts inside a training step. Relative to the base
+    layer that is ≈ ``r (d_in + d_out) / (d_in d_out)`` (= 2r/d for a square layer).
+    """
+    _sizes(r=r)
+    return linear_forward_flops(N, d_in, d_out, bias) + 2 * N * r * (d_in + d_out) + N * r + N * d_out
 
 
 def linear_step_flops(N: int, d_in: int, d_out: int, trainable: bool = True) -> int:
