@@ -170,7 +170,7 @@ def plot_softmax_jacobian(p, J, path=None) -> Figure:
         ax3.axvline(0.5, color="0.6", ls=":", lw=1.8)
         ax3.set(xlabel="probability $p_i$", ylabel=r"diagonal entry $p_i(1-p_i)$",
                 title=r"largest at $p = \frac{1}{2}$, zero at 0 and 1", xlim=(0, 1), ylim=(0, 0.28))
-        ax3.legend(loc="upper right")
+        ax3.legend(loc="lower center")
     return fig
 
 
