@@ -161,7 +161,8 @@ def build_config(layers: dict, module_paths, *, base_model_name_or_path=None, ta
     check_choice("task_type", task_type, TASK_TYPES)
     linear = {p: c for p, c in layers.items() if c["kind"] == "linear"}
     rslora = _one("use_rslora", {p: c["rslora"] for p, c in layers.items()}, "s = α/√r or α/r")
-    dora = _one("use_dora", {p: c["dora"] for p, c in linear.items()}, "DoRA or plain LoRA") if linear else False
+    dora = _one("use_dora", {p: c["dora"] for p, c in linear.items()}, "DoRA or plain LoRA") \
+        if linear else False
     if dora and len(linear) < len(layers):
         raise ValueError("save_adapter: PEFT's use_dora applies to every adapted layer, and lora_np's "
                          f"embeddings {sorted(set(layers) - set(linear))} are plain LoRA (lora_np has no "
@@ -397,7 +398,8 @@ def match_layers(config: dict, tensors: dict, metadata: dict, layers: dict) -> d
             raise ValueError(f"load_adapter: layer {path!r} has tensors but the config's target_modules "
                              f"{targets!r} does not name it")
         has_m = "m" in found[path]
-        if has_m != want["dora"] or (want["kind"] == "linear" and config.get("use_dora", False) != want["dora"]):
+        use_dora = config.get("use_dora", False)
+        if has_m != want["dora"] or (want["kind"] == "linear" and use_dora != want["dora"]):
             raise ValueError(f"load_adapter: layer {path!r}: the folder is "
                              f"{'DoRA' if has_m or config.get('use_dora') else 'plain LoRA'} "
                              f"(use_dora={config.get('use_dora', False)}, lora_magnitude_vector "
@@ -405,7 +407,8 @@ def match_layers(config: dict, tensors: dict, metadata: dict, layers: dict) -> d
                              f"{'DoRA' if want['dora'] else 'plain LoRA'} (add_lora(..., use_dora=...))")
         r, alpha = _layer_r_alpha(config, path)
         if r != want["r"]:
-            raise ValueError(f"load_adapter: layer {path!r} has r={r!r} in the config, the model has r={want['r']}")
+            raise ValueError(f"load_adapter: layer {path!r} has r={r!r} in the config, the model has "
+                             f"r={want['r']}")
         if not isinstance(alpha, (int, float)) or not math.isclose(alpha, want["alpha"], rel_tol=1e-12):
             raise ValueError(f"load_adapter: layer {path!r} has lora_alpha={alpha!r} in the config, the "
                              f"model has alpha={want['alpha']}")
@@ -438,8 +441,8 @@ def _check_pissa(config, metadata, path, want):
     if pissa != (want.get("init") == "pissa"):
         if pissa:
             raise ValueError(f"load_adapter: the folder is a PiSSA adapter (init_lora_weights='pissa'): "
-                             f"it applies to the residual W − s·B₀A₀ of the original weight, and layer "
-                             f"{path!r} is not a PiSSA layer; build the model with add_lora(..., "
+                             "it applies to the residual W − s·B₀A₀ of the original weight, and "
+                             f"layer {path!r} is not a PiSSA layer; build the model with add_lora(..., "
                              "init='pissa') on the original weights")
         raise ValueError(f"load_adapter: layer {path!r} is a PiSSA layer (its W is the residual "
                          f"W − s·B₀A₀) and the folder is a plain LoRA adapter (init_lora_weights="
