@@ -159,6 +159,10 @@ def build_config(layers: dict, module_paths, *, base_model_name_or_path=None, ta
         raise TypeError(f"save_adapter: base_model_name_or_path must be a str or None, got "
                         f"{base_model_name_or_path!r}")
     check_choice("task_type", task_type, TASK_TYPES)
+    if "" in layers:
+        raise ValueError("save_adapter: the model itself is the LoRA layer; PEFT adapts the named "
+                         "sub-modules of a model (keys base_model.model.<module path>.lora_A.weight), "
+                         "so put the layer inside a model (e.g. as a child named like the PyTorch module)")
     linear = {p: c for p, c in layers.items() if c["kind"] == "linear"}
     rslora = _one("use_rslora", {p: c["rslora"] for p, c in layers.items()}, "s = α/√r or α/r")
     dora = _one("use_dora", {p: c["dora"] for p, c in linear.items()}, "DoRA or plain LoRA") \
@@ -389,6 +393,9 @@ def match_layers(config: dict, tensors: dict, metadata: dict, layers: dict) -> d
     out = {}
     for path, want in sorted(layers.items()):
         kinds = {kind for _, kind in found[path].values()}
+        if want["kind"] == "embedding" and "m" in found[path]:
+            raise ValueError(f"load_adapter: layer {path!r} is an Embedding with a lora_magnitude_vector "
+                             "(DoRA on an embedding), which lora_np does not support")
         if kinds != {want["kind"]}:
             got = "an Embedding's (lora_embedding_A/B)" if "embedding" in kinds else "a Linear's (lora_A/B)"
             raise ValueError(f"load_adapter: layer {path!r} has {got} keys in the folder, the model's "

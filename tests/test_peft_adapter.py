@@ -413,6 +413,16 @@ def test_embedding_keys_for_a_linear_layer_refused(tmp_path):
                                               r"is a Linear")
 
 
+def test_dora_on_an_embedding_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {f"{PREFIX}tok_emb.lora_embedding_A": rng.standard_normal((2, 11)),
+               f"{PREFIX}tok_emb.lora_embedding_B": rng.standard_normal((8, 2)),
+               f"{PREFIX}tok_emb.lora_magnitude_vector": np.ones(8)}
+    lm = add_lora(_lm(), ["tok_emb"], r=2, alpha=2.0, rng=0)
+    _refused(_hand_folder(tmp_path, tensors, r=2, lora_alpha=2, use_dora=True, target_modules=["tok_emb"]),
+             r"'tok_emb' is an Embedding with a lora_magnitude_vector \(DoRA on an embedding\)", (lm, Snapshot(lm)))
+
+
 def test_target_modules_not_naming_a_layer_refused(tmp_path):
     _refused(_hand_folder(tmp_path, target_modules=["q_proj"]),
              r"layer 'attn\.v_proj' has tensors but the config's target_modules \['q_proj'\] does not name it")
@@ -590,6 +600,13 @@ def test_save_refuses_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"is a file; format='peft' writes a folder"):
         save_adapter(model, tmp_path / "file", format="peft")
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_save_refuses_a_bare_layer(tmp_path):
+    from lora_np import Linear, LoRALinear
+    with pytest.raises(ValueError, match=r"the model itself is the LoRA layer; PEFT adapts the named sub-modules"):
+        save_adapter(LoRALinear(Linear(6, 5, rng=0), r=2, alpha=4.0), tmp_path / "a", format="peft")
+    assert not os.listdir(tmp_path)
 
 
 def test_save_refuses_a_merged_model_or_one_without_lora(tmp_path):
