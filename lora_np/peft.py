@@ -136,12 +136,22 @@ def _one(what: str, values: dict, why: str):
 
 def _target_modules(adapted, module_paths):
     """``target_modules`` that names exactly the adapted layers among ``module_paths`` under
-    PEFT's matching: their last names if that is exact, else their full paths, else an anchored
-    regex of the paths."""
+    PEFT's matching: each layer by its last name (``"q_proj"``) when that name selects adapted
+    layers only, else by its full path; if even that selects more (a path that is the end of
+    another), an anchored regex of the paths."""
     adapted = sorted(adapted)
-    for targets in (sorted({p.rsplit(".", 1)[-1] for p in adapted}), adapted):
-        if sorted(p for p in module_paths if p and _targets_match(targets, p)) == adapted:
-            return targets
+    paths = [p for p in module_paths if p]
+
+    def selects(targets):
+        return sorted(p for p in paths if _targets_match(targets, p))
+
+    targets = set()
+    for p in adapted:
+        last = p.rsplit(".", 1)[-1]
+        targets.add(last if set(selects([last])) <= set(adapted) else p)
+    for candidate in (sorted(targets), adapted):
+        if selects(candidate) == adapted:
+            return candidate
     return "^(" + "|".join(re.escape(p) for p in adapted) + ")$"
 
 

@@ -196,12 +196,35 @@ def test_folder_layout_rslora_and_patterns(tmp_path):
     assert config["rank_pattern"] == {"blocks.1.mlp.fc1": 3}
     assert config["alpha_pattern"] == {"blocks.1.mlp.fc1": 6}
     assert tensors[f"{PREFIX}blocks.1.mlp.fc1.lora_A.weight"].shape == (3, 8)
-    # fc1 of block 0 is not adapted, so the last name "fc1" would name too much: full paths
-    assert config["target_modules"] == ["blocks.0.attn.q_proj", "blocks.0.attn.v_proj", "blocks.1.attn.q_proj",
-                                        "blocks.1.attn.v_proj", "blocks.1.mlp.fc1"]
+    # fc1 of block 0 is not adapted, so the last name "fc1" would name too much: its full path
+    assert config["target_modules"] == ["blocks.1.mlp.fc1", "q_proj", "v_proj"]
     for p in lora_layers(model):
         assert P._targets_match(config["target_modules"], p)
     assert not P._targets_match(config["target_modules"], "blocks.0.mlp.fc1")
+
+
+def test_target_modules_fall_back_to_a_regex_when_a_path_ends_another(tmp_path):
+    """A model whose module "mlp.fc1" is also the end of "inner.mlp.fc1": neither the last name
+    nor the path names only the adapted layer under PEFT's list rule; an anchored regex does."""
+    from lora_np import MLP, Module
+
+    class Nested(Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = MLP(4, 6, 4, rng=0)
+            self.inner = Module()
+            self.inner.mlp = MLP(4, 6, 4, rng=1)
+
+    model = add_lora(Nested(), ["mlp.fc1"], r=2, alpha=2.0, rng=0)
+    assert sorted(lora_layers(model)) == ["inner.mlp.fc1", "mlp.fc1"]    # add_lora's rule: both
+    model2 = Nested()
+    add_lora(model2, ["inner.mlp.fc1"], r=2, alpha=2.0, rng=0)
+    save_adapter(model2, tmp_path / "ad", format="peft")
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["inner.mlp.fc1"]
+    paths = [p for p, _ in model.named_modules() if p]
+    assert P._target_modules({"mlp.fc1": None}, paths) == "^(mlp\\.fc1)$"
+    assert [p for p in paths if P._targets_match("^(mlp\\.fc1)$", p)] == ["mlp.fc1"]
 
 
 def test_pattern_key_is_peft_get_pattern_key():
