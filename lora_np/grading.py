@@ -80,8 +80,8 @@ class GradeRow(NamedTuple):
     note: str = ""                # where it failed first, or what was measured
 
 
-def _yes(v):
-    return "-" if v is None else ("yes" if v else "NO")
+def _yes(v, fail="NO"):
+    return "-" if v is None else ("yes" if v else fail)
 
 
 class GradeResult:
@@ -114,7 +114,7 @@ class GradeResult:
             md = "-" if r.max_diff is None else f"{r.max_diff:.1e}"
             res = "ok" if r.passed else "FAIL"
             note = f"  {r.note}" if r.note else ""
-            lines.append(f"{r.name:<{w}}{_yes(r.exact):<7}{_yes(r.close):<7}{md:<16}{res}{note}")
+            lines.append(f"{r.name:<{w}}{_yes(r.exact, 'no'):<7}{_yes(r.close):<7}{md:<16}{res}{note}")
         if self.info:
             lines.append(self.info)
         failed = sum(not r.passed for r in self.rows)
@@ -526,8 +526,9 @@ def _memory_check(spec, forward, backward, case, entries):
         if gerr is not None:
             return GradeRow(name, None, None, None, False, "backward failed on the large case"), None
     where = [w for w, p in (("forward", peak_f), ("backward", peak_b)) if p >= DENSE_FRACTION * dense]
-    note = (f"peak {peak_f / 2**20:.2f} MB in forward, {peak_b / 2**20:.2f} MB in backward; one "
-            f"{spec.dense_name} matrix is {dense / 2**20:.2f} MB")
+    back = f", {peak_b / 2**20:.2f} MB in backward" if backward is not None else ""
+    note = (f"peak {peak_f / 2**20:.2f} MB in forward{back}; one {spec.dense_name} matrix is "
+            f"{dense / 2**20:.2f} MB")
     if not where:
         return GradeRow(name, None, None, None, True, note), None
     text = (f"Your {' and '.join(where)} allocated {max(peak_f, peak_b) / 2**20:.2f} MB on a large layer, the "
