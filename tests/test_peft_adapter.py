@@ -639,3 +639,29 @@ def test_save_refuses_a_merged_model_or_one_without_lora(tmp_path):
     with pytest.raises(ValueError, match="unmerge the model first"):
         save_adapter(model, tmp_path / "a", format="peft")
     assert not os.listdir(tmp_path)
+
+
+def test_qlora_adapter_round_trips_as_a_plain_peft_lora_folder(tmp_path):
+    """A LoRA on an NF4 base is saved as PEFT saves a QLoRA adapter: plain LoRA keys and config
+    (the 4-bit format belongs to the base model's config, not to the adapter)."""
+    from lora_np import MLP
+    from lora_np.quant import QuantizedLinear
+
+    def model(seed):
+        m = MLP(64, 64, 8, rng=0)
+        m.fc1 = QuantizedLinear.from_linear(m.fc1)
+        return add_lora(m, ["fc1", "fc2"], r=2, alpha=4.0, rng=seed)
+
+    trained = model(1)
+    randomize(trained, np.random.default_rng(3))
+    save_adapter(trained, tmp_path / "ad", format="peft")
+    config, tensors, _, _ = _read(tmp_path / "ad")
+    assert sorted(tensors) == [f"{PREFIX}fc{i}.lora_{n}.weight" for i in (1, 2) for n in "AB"]
+    assert config["init_lora_weights"] is True and config["target_modules"] == ["fc1", "fc2"]
+    fresh = model(2)
+    for n, p in fresh.parameters().items():
+        if not n.endswith((".A", ".B")):
+            p[...] = trained.parameters()[n]
+    load_adapter(fresh, tmp_path / "ad")
+    x = np.random.default_rng(0).standard_normal((3, 64))
+    np.testing.assert_array_equal(fresh(x), trained(x))
