@@ -336,8 +336,10 @@ def subspace_similarity_grid(U1, U2) -> np.ndarray:
     return prefix / np.minimum(i, j)
 
 
-def random_subspace_baseline(i: int, j: int, d: int) -> float:
-    """Expected φ between independent uniformly random subspaces of dims i and j in R^d.
+def random_subspace_baseline(i: int, j: int, d: int, shared: int = 0) -> float:
+    """Expected φ between random subspaces of dims i and j in R^d that share ``shared`` dims.
+
+    With ``shared = 0`` the two subspaces are independent and uniformly random:
 
     .. math:: \\mathbb{E}\\,\\lVert U_1^\\top U_2 \\rVert_F^2
               = \\operatorname{tr}(P_1\\, \\mathbb{E} P_2) = \\operatorname{tr}(P_1)\\,\\frac{j}{d}
@@ -349,12 +351,27 @@ def random_subspace_baseline(i: int, j: int, d: int) -> float:
     ``(j/d) I`` by symmetry). A measured φ well above this means the subspaces share
     directions beyond chance.
 
+    With ``shared = c > 0`` both subspaces contain one common c-dimensional subspace S (the
+    first c directions of each span S, e.g. the row space of a rank-c ΔW* that two LoRA runs
+    both learned) and their other ``i − c`` and ``j − c`` directions are independent and
+    uniformly random in the (d − c)-dimensional orthogonal complement of S. S contributes
+    ``c`` to ``‖U1ᵀU2‖²_F`` and the rest the formula above in d − c dimensions:
+
+    .. math:: \\mathbb{E}\\,\\phi = \\frac{c + (i - c)(j - c)/(d - c)}{\\min(i, j)}
+
+    e.g. r = 8 and r = 64 runs that share a 4-dimensional subspace of R^64, at i = j = 8:
+    (4 + 4·4/60)/8 ≈ 0.533 (not (4 + 4·8/64)/8 = 0.5625: the 4 extra directions of each are
+    drawn in the 60 dimensions S leaves, and there are 4, not 8, of them on each side).
+
     Parameters
     ----------
     i, j : int
-        Subspace dimensions, 1 <= i, j <= d.
+        Subspace dimensions, 1 <= i, j <= d (and >= shared).
     d : int
         Ambient dimension, >= 1.
+    shared : int
+        Dimensions the two subspaces have in common, 0 <= shared <= min(i, j), and < d when
+        either subspace has directions beyond it.
 
     Returns
     -------
@@ -363,7 +380,12 @@ def random_subspace_baseline(i: int, j: int, d: int) -> float:
     d = check_int("d", d, 1)
     i = _check_k(i, "i", d)
     j = _check_k(j, "j", d)
-    return max(i, j) / d
+    c = check_int("shared", shared, 0, min(i, j))
+    if c == 0:
+        return max(i, j) / d
+    if max(i, j) == c:                      # one subspace is S itself: it lies in the other
+        return 1.0
+    return (c + (i - c) * (j - c) / (d - c)) / min(i, j)
 
 
 def left_subspace_similarity(M1, M2, k: int) -> float:
@@ -445,14 +467,15 @@ def amplification_factor(delta_W, W, r: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 class IntruderResult(NamedTuple):
-    """``max_cosines[m]``: best |cos| of W_tuned's m-th left singular vector with any of W0's;
-    ``indices``: the m (0-based, into the top k) with ``max_cosines[m] < eps``."""
+    """``max_cosines[m]``: best |cos| (or cos, with ``absolute=False``) of W_tuned's m-th left
+    singular vector with any of W0's; ``indices``: the m (0-based, into the top k) with
+    ``max_cosines[m] < eps``."""
     max_cosines: np.ndarray
     n_intruders: int
     indices: np.ndarray
 
 
-def intruder_dimensions(W0, W_tuned, k: int = 10, eps: float = 0.5) -> IntruderResult:
+def intruder_dimensions(W0, W_tuned, k: int = 10, eps: float = 0.5, absolute: bool = True) -> IntruderResult:
     """Find "intruder dimensions": top singular vectors of W_tuned that are new to W0.
 
     .. math:: c_m = \\max_n \\lvert \\langle u^{tuned}_m, u^{0}_n \\rangle \\rvert,
@@ -464,6 +487,12 @@ def intruder_dimensions(W0, W_tuned, k: int = 10, eps: float = 0.5) -> IntruderR
     Shuttleworth et al. 2024 (arXiv:2410.21228) find such intruders after LoRA fine-tuning but
     rarely after full fine-tuning.
 
+    The absolute value is lora_np's choice, not the paper's: their Algorithm 1 compares
+    ``cos(y_j, x_i)`` itself with ε. A singular vector is defined only up to its sign (the SVD
+    may return ``−u`` for ``u``), so with the raw cosine a direction of W0 that the SVD of
+    W_tuned happens to return flipped (cos = −1) would count as an intruder. ``absolute=False``
+    gives the raw cosine, to see the difference.
+
     Parameters
     ----------
     W0 : array, shape (d_out, d_in)
@@ -474,6 +503,9 @@ def intruder_dimensions(W0, W_tuned, k: int = 10, eps: float = 0.5) -> IntruderR
         How many top singular vectors of W_tuned to test, 1 <= k <= min(d_out, d_in).
     eps : float in (0, 1]
         Cosine threshold.
+    absolute : bool
+        True (default): ``max_n |cos|``; False: ``max_n cos`` (the paper's Algorithm 1 as
+        printed), which depends on the arbitrary signs of the singular vectors.
 
     Returns
     -------
@@ -489,9 +521,13 @@ def intruder_dimensions(W0, W_tuned, k: int = 10, eps: float = 0.5) -> IntruderR
         raise TypeError(f"eps must be a float in (0, 1], got {type(eps).__name__}")
     if not 0.0 < eps <= 1.0:
         raise ValueError(f"eps must be in (0, 1], got {eps}")
+    if not isinstance(absolute, (bool, np.bool_)):
+        raise TypeError(f"absolute must be a bool, got {type(absolute).__name__}")
     U0 = column_space_basis(W0)                         # (d_out, p)
     Uk = column_space_basis(W_tuned, k)                 # (d_out, k)
-    cosines = np.abs(Uk.T @ U0).astype(np.float64)     # (k, p)
+    cosines = (Uk.T @ U0).astype(np.float64)           # (k, p)
+    if absolute:
+        cosines = np.abs(cosines)
     max_cosines = cosines.max(axis=1)                   # (k,)
     indices = np.flatnonzero(max_cosines < eps)
     return IntruderResult(max_cosines, int(indices.size), indices)

@@ -177,6 +177,36 @@ def test_random_pairs_match_the_baseline_statistically():
     assert phis.std(ddof=1) == pytest.approx(analytic_sd, rel=0.15)
 
 
+def test_random_subspace_baseline_with_a_shared_subspace_formula():
+    # (c + (i-c)(j-c)/(d-c)) / min(i, j): r = 8 vs r = 64 runs sharing ΔW*'s 4 directions
+    assert random_subspace_baseline(8, 8, 64, shared=4) == pytest.approx((4 + 4 * 4 / 60) / 8)
+    assert random_subspace_baseline(8, 8, 64, shared=4) == pytest.approx(0.5333, abs=1e-4)
+    assert random_subspace_baseline(5, 7, 64, shared=4) == pytest.approx((4 + 1 * 3 / 60) / 5)
+    assert random_subspace_baseline(4, 9, 64, shared=4) == 1.0       # S lies in the other
+    assert random_subspace_baseline(6, 6, 6, shared=6) == 1.0
+    assert random_subspace_baseline(4, 8, 64, shared=0) == random_subspace_baseline(4, 8, 64)
+
+
+def test_random_pairs_sharing_a_subspace_match_the_baseline_statistically():
+    # both subspaces = a fixed 4-dim S plus 4 independent random directions orthogonal to S
+    # (in R^64), in a random order inside the basis (φ of the whole subspaces does not depend
+    # on it). 300 pairs: the mean is within 4 standard errors of (4 + 16/60)/8 = 0.5333 and
+    # clearly away from the wrong (4 + 4·8/64)/8 = 0.5625.
+    rng = np.random.default_rng(21)
+    d, c, extra, n = 64, 4, 4, 300
+    S = orthonormal(rng, d, c)
+    def with_S():
+        R = rng.standard_normal((d, extra))
+        R -= S @ (S.T @ R)                                  # in the complement of S
+        Q, _ = np.linalg.qr(np.concatenate([S, R], axis=1))
+        return Q[:, rng.permutation(c + extra)]
+    phis = np.array([subspace_similarity(with_S(), with_S()) for _ in range(n)])
+    se = phis.std(ddof=1) / np.sqrt(n)
+    expected = random_subspace_baseline(c + extra, c + extra, d, shared=c)
+    assert abs(phis.mean() - expected) < 4 * se
+    assert abs(phis.mean() - (4 + 4 * 8 / 64) / 8) > 4 * se           # the test can fail
+
+
 def test_lora_subspace_similarity_row_space_invariance():
     rng = np.random.default_rng(10)
     A1 = rng.standard_normal((4, 12))                               # (r, d_in)
@@ -276,6 +306,31 @@ def test_no_intruders_when_unchanged():
     assert intruder_dimensions(W0, W0.copy(), k=6, eps=1.0).n_intruders == 0
 
 
+def test_intruders_absolute_cosine_is_a_choice_sign_flips_fool_the_raw_one():
+    # W_tuned has exactly W0's left singular vectors and values (only its right ones differ):
+    # no direction is new, but the SVD returns some of them with the opposite sign.
+    rng = np.random.default_rng(22)
+    d = 8
+    U, V = orthonormal(rng, d, d), orthonormal(rng, d, d)
+    sigma = np.linspace(8.0, 1.0, d)
+    W0 = U @ np.diag(sigma) @ V.T
+    W_tuned = U @ np.diag(sigma) @ orthonormal(rng, d, d).T     # same left directions as W0
+    res_abs = intruder_dimensions(W0, W_tuned, k=d, eps=0.5)
+    assert res_abs.n_intruders == 0
+    np.testing.assert_allclose(res_abs.max_cosines, 1.0, atol=1e-6)
+    # the raw cosine: a vector the SVD returns with the opposite sign to W0's has cos = -1
+    U0 = column_space_basis(W0)
+    Ut = column_space_basis(W_tuned, d)
+    signs = np.sign(np.sum(U0 * Ut, axis=0))                # +1 or -1 per direction
+    assert np.any(signs < 0) and np.any(signs > 0)          # LAPACK picked some flipped
+    res_raw = intruder_dimensions(W0, W_tuned, k=d, eps=0.5, absolute=False)
+    assert res_raw.n_intruders == int(np.sum(signs < 0))
+    np.testing.assert_allclose(res_raw.max_cosines[signs > 0], 1.0, atol=1e-6)
+    assert np.all(res_raw.max_cosines[signs < 0] < 0.5)
+    with pytest.raises(TypeError, match="absolute must be a bool"):
+        intruder_dimensions(W0, W_tuned, k=d, absolute="yes")
+
+
 # ---------------------------------------------------------------------------------------------
 # dtype and purity
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +391,8 @@ Q = np.linalg.qr(np.random.default_rng(17).standard_normal((6, 3)))[0]
     (lambda: lora_subspace_similarity(np.ones((2, 5)), np.ones((2, 6))), ValueError, "d_in"),
     (lambda: random_subspace_baseline(5, 2, 4), ValueError, r"i must be in \[1, 4\]"),
     (lambda: random_subspace_baseline(1, 2, 0), ValueError, "d must be"),
+    (lambda: random_subspace_baseline(4, 8, 64, shared=5), ValueError, r"shared must be in \[0, 4\]"),
+    (lambda: random_subspace_baseline(4, 8, 64, shared=1.0), TypeError, "shared must be an int"),
     (lambda: left_subspace_similarity(np.eye(3), np.eye(4), 1), ValueError, "d_out"),
     (lambda: left_subspace_similarity(np.eye(3), np.eye(3), 4), ValueError, "k must be"),
     (lambda: amplification_factor(np.eye(3), np.eye(4), 1), ValueError, "same shape"),
