@@ -7,7 +7,9 @@
 * ``add_lora`` wraps chosen ``Linear`` and ``Embedding`` children of any module tree and freezes
   the rest.
 * ``merge_lora`` / ``unmerge_lora`` fold ΔW into W for inference (no extra latency) and back.
-* ``save_adapter`` / ``load_adapter`` store only A, B and the config in an ``.npz`` (never pickled).
+* ``save_adapter`` / ``load_adapter`` store only A, B (and DoRA's m) and the config: lora_np's ``.npz``, or
+  PEFT's adapter folder with ``format="peft"`` (``adapter_config.json`` + ``adapter_model.safetensors``;
+  ``lora_np.peft``); never unpickled.
 
 Variants (notebook 07): ``rslora=True`` (s = α/√r, rsLoRA), ``init="pissa"`` (PiSSA: A, B from
 the top-r singular triplets of W, frozen W replaced by the residual), ``DoRALinear`` /
