@@ -260,5 +260,6 @@ def plot_gradcheck_errors(results, threshold, path=None) -> Figure:
         xlabel = (r"error ($a$ analytic, $n$ numerical): dots relative, crosses absolute" if any_zero
                   else r"relative error $\Vert a-n\Vert\,/\,(\Vert a\Vert+\Vert n\Vert)$ ($a$ analytic, $n$ numerical)")
         ax.set(xlabel=xlabel, title="Every gradient of every layer vs finite differences (float64)")
-        ax.legend(loc="lower right", fontsize=11)
+        # below the axis: inside it would cover the dots of the last rows
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), fontsize=12, ncol=1)
     return fig
