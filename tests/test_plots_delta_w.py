@@ -10,6 +10,8 @@ from lora_np.plots import plot_intruder_dimensions, plot_when_lora_is_not_enough
 
 from _plots_helpers import PNG_MAGIC, assert_readable, line
 
+EY = r" $\sum_{i>r}\sigma_i^2 / \sum_i \sigma_i^2$"           # the Eckart–Young label's formula
+
 
 @pytest.fixture(scope="module")
 def low():
@@ -72,15 +74,43 @@ def test_low_vs_high_rank_figure(low, high, tmp_path):
     assert path.read_bytes()[:8] == PNG_MAGIC
     ax_loss, ax_trade = fig.axes
     L0 = low.initial_val_loss
-    np.testing.assert_allclose(line(ax_loss, "ΔW* of rank 4: LoRA").get_ydata(),
+    np.testing.assert_allclose(line(ax_loss, r"$\Delta W^\ast$ of rank 4: LoRA").get_ydata(),
                                [low.lora[r].final_val_loss / L0 for r in low.ranks])
     # equal σ: the best rank-r update leaves (k - r)/k of the change, and nothing from r = k on
-    ey = line(ax_loss, "ΔW* of rank 8: Eckart–Young Σ_(i>r) σᵢ² / Σ σᵢ²")
+    ey = line(ax_loss, r"$\Delta W^\ast$ of rank 8: Eckart–Young" + EY)
     np.testing.assert_allclose(ey.get_ydata()[:8], (8 - np.arange(1, 9)) / 8)
-    ey = line(ax_loss, "ΔW* of rank 4: Eckart–Young Σ_(i>r) σᵢ² / Σ σᵢ²")
+    ey = line(ax_loss, r"$\Delta W^\ast$ of rank 4: Eckart–Young" + EY)
     tail = tail_energy(low.task.singular_values, relative=True)
     np.testing.assert_allclose(ey.get_ydata(), np.concatenate([tail[1:], np.zeros(8 - 4)]))
     xs = sorted(float(l.get_xdata()[0]) for l in ax_trade.get_lines())
     assert xs == sorted(m.old_task_loss for m in high.methods())
     with pytest.raises(TypeError, match="high must be a SweepResult"):
         plot_when_lora_is_not_enough(low, {"full": 1})
+
+
+def test_low_vs_high_rank_figure_draws_full_ft_checkpoints(low, high):
+    # the checkpoints of a run: step 0 (forgetting 0, off the log axis) is left out
+    forgetting, learned = np.array([0.0, 1e-3, 1e-2, 0.2]), np.array([1.0, 0.8, 0.5, 0.01])
+    fig = plot_when_lora_is_not_enough(low, high, checkpoints={"full FT, lr 3e-3": (forgetting, learned)})
+    assert_readable(fig)
+    ax_trade = fig.axes[1]
+    ln = line(ax_trade, "full FT, lr 3e-3")
+    np.testing.assert_array_equal(ln.get_xdata(), forgetting[1:])
+    np.testing.assert_array_equal(ln.get_ydata(), learned[1:])
+    assert [t.get_text() for t in ax_trade.get_legend().get_texts()] == ["full FT, lr 3e-3"]
+    # every label is mathtext or plain text: no raw underscores or carets left for a projector
+    for t in [*fig.axes[0].get_legend().get_texts(), *(a.xaxis.label for a in fig.axes),
+              *(a.yaxis.label for a in fig.axes)]:
+        text = t.get_text()
+        assert "_(" not in text and ("_" not in text or text.count("$") >= 2), text
+
+
+@pytest.mark.parametrize("checkpoints, err, match", [
+    ([1, 2], TypeError, "checkpoints must be a dict"),
+    ({"a": (np.ones(3),)}, ValueError, "must be a pair"),
+    ({"a": (np.ones(3), np.ones(2))}, ValueError, "one length"),
+    ({"a": (-np.ones(2), np.ones(2))}, ValueError, "forgetting >= 0"),
+])
+def test_low_vs_high_rank_figure_bad_checkpoints(low, high, checkpoints, err, match):
+    with pytest.raises(err, match=match):
+        plot_when_lora_is_not_enough(low, high, checkpoints=checkpoints)

@@ -83,7 +83,28 @@ def plot_intruder_dimensions(max_cosines, eps, title=None, path=None) -> Figure:
     return fig
 
 
-def plot_when_lora_is_not_enough(low, high, path=None) -> Figure:
+def _check_checkpoints(checkpoints) -> dict:
+    """label -> (forgetting (n,), loss ÷ L₀ (n,)) float64 arrays of the same length n >= 1."""
+    if checkpoints is None:
+        return {}
+    if not isinstance(checkpoints, dict):
+        raise TypeError(f"checkpoints must be a dict label -> (forgetting, loss ÷ L₀) arrays, got "
+                        f"{type(checkpoints).__name__}")
+    out = {}
+    for label, pair in checkpoints.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"checkpoints[{label!r}] must be a pair (forgetting, loss ÷ L₀), got {pair!r}")
+        x, y = (np.asarray(a, dtype=np.float64) for a in pair)
+        if x.ndim != 1 or x.shape != y.shape or x.size == 0:
+            raise ValueError(f"checkpoints[{label!r}]: forgetting and loss ÷ L₀ must be 1-D arrays of "
+                             f"one length, got shapes {x.shape} and {y.shape}")
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(x >= 0)):
+            raise ValueError(f"checkpoints[{label!r}]: values must be finite and forgetting >= 0")
+        out[label] = (x, y)
+    return out
+
+
+def plot_when_lora_is_not_enough(low, high, checkpoints=None, path=None) -> Figure:
     """Two tasks side by side (Biderman et al. 2024, arXiv 2405.09673: LoRA learns less and
     forgets less).
 
@@ -92,39 +113,52 @@ def plot_when_lora_is_not_enough(low, high, path=None) -> Figure:
     the same colour, thin line = the Eckart–Young fraction Σ_{i>r} σᵢ² / Σ σᵢ² of each ΔW*
     (``analysis.tail_energy``: what the best rank-r update leaves when the loss is isotropic
     in ΔW). Right, for ``high``: task B loss ÷ L₀ (learning; lower is better) against task A
-    loss (forgetting), one labelled point per method.
+    loss (forgetting, log axis), one labelled point per method at the end of its run, and
+    optionally full fine-tuning's checkpoints along its run as lines (Biderman et al.'s test:
+    do the LoRA end points lie on full fine-tuning's learning–forgetting curve?).
 
     low, high : SweepResult
+    checkpoints : dict label -> (forgetting (n,), loss ÷ L₀ (n,)), optional
+        One curve per run, in the order of its steps; points with forgetting 0 (the
+        pretrained model at step 0) cannot sit on the log axis and are left out.
     """
     low, high = check_sweep("low", low), check_sweep("high", high)
+    curves = _check_checkpoints(checkpoints)
     ranks_all = sorted(set(low.ranks) | set(high.ranks))
     r_line = np.arange(1, max(ranks_all) + 1)
-    with teaching_figure(1, 2, figsize=(17, 6.6), path=path) as (fig, (ax1, ax2)):
+    with teaching_figure(1, 2, figsize=(17, 6.8), path=path) as (fig, (ax1, ax2)):
         for res, color in ((low, "C0"), (high, "C1")):
             k, L0 = res.task.true_rank, res.initial_val_loss
             tail = tail_energy(res.task.singular_values, relative=True)     # [r], r = 0..k; 0 from k on
-            name = f"ΔW* of rank {k}"
+            name = f"$\\Delta W^\\ast$ of rank {k}"
             ax1.plot(r_line, tail[np.minimum(r_line, tail.size - 1)], "-", color=color, lw=1.5,
-                     alpha=0.8, label=f"{name}: Eckart–Young Σ_(i>r) σᵢ² / Σ σᵢ²")
+                     alpha=0.8, label=f"{name}: Eckart–Young " + r"$\sum_{i>r}\sigma_i^2 / \sum_i \sigma_i^2$")
             ax1.plot(res.ranks, [res.lora[r].final_val_loss / L0 for r in res.ranks], "o", color=color,
                      ms=11, label=f"{name}: LoRA")
             ax1.axhline(res.full.final_val_loss / L0, color=color, ls="--", lw=2.2,
                         label=f"{name}: full fine-tuning")
         log2_ticks(ax1, ranks_all)
         ax1.set_ylim(-0.03, 1.08)
-        ax1.set(xlabel="LoRA rank r", ylabel="validation loss ÷ L₀",
+        ax1.set(xlabel="LoRA rank $r$", ylabel="validation loss ÷ $L_0$",
                 title="Low-rank vs high-rank change")
         ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=11)
         L0 = high.initial_val_loss
+        for n, (label, (x, y)) in enumerate(curves.items()):
+            keep = x > 0
+            ax2.plot(x[keep], y[keep], "-", color=("0.35", "C2", "C4", "C5")[n % 4], lw=2.2,
+                     ls=("-", "--", "-.", ":")[n % 4], label=label)
         for label, x, y in ((m.label, m.old_task_loss, m.final_val_loss / L0) for m in high.methods()):
             full = label.startswith("full")           # full FT and LoRA r = full rank overlap
             style = dict(color="black", marker="s") if full else dict(color="C1", marker="o")
-            ax2.plot([x], [y], ms=12, ls="none", **style)
-            ax2.annotate(label, (x, y), xytext=(-10, 10) if full else (10, -18), textcoords="offset points",
+            ax2.plot([x], [y], ms=12, ls="none", label="_" + label, **style)
+            ax2.annotate(label + (" (end)" if full else ""), (x, y),
+                         xytext=(-10, 10) if full else (10, -18), textcoords="offset points",
                          fontsize=13, ha="right" if full else "left")
         ax2.set_xscale("log")
-        ax2.set_yscale("log")
+        ax2.set_ylim(-0.03, 1.08)
         ax2.set(xlabel="task A loss after fine-tuning (forgetting, MSE)",
-                ylabel="task B loss ÷ L₀ (lower = learned more)",
-                title=f"Rank-{high.task.true_rank} task: learns less, forgets less")
+                ylabel="task B loss ÷ $L_0$ (lower = learned more)",
+                title=f"Rank-{high.task.true_rank} task: learning vs forgetting")
+        if curves:
+            ax2.legend(loc="lower left", fontsize=11)
     return fig
