@@ -145,7 +145,7 @@ def plot_when_lora_is_not_enough(low, high, checkpoints=None, path=None) -> Figu
         L0 = high.initial_val_loss
         for n, (label, (x, y)) in enumerate(curves.items()):
             keep = x > 0
-            ax2.plot(x[keep], y[keep], "-", color=("0.35", "C2", "C4", "C5")[n % 4], lw=2.2,
+            ax2.plot(x[keep], y[keep], color=("0.35", "C2", "C4", "C5")[n % 4], lw=2.2,
                      ls=("-", "--", "-.", ":")[n % 4], label=label)
         for label, x, y in ((m.label, m.old_task_loss, m.final_val_loss / L0) for m in high.methods()):
             full = label.startswith("full")           # full FT and LoRA r = full rank overlap
