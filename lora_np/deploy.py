@@ -4,8 +4,8 @@ merging and unmerging do to the weights in floating point (notebook 10).
 * ``forward_flops`` — the FLOPs of a model's linear layers in one inference forward: a merged
   LoRA layer costs exactly its base layer (``counting.linear_forward_flops``), an unmerged one
   adds the low-rank branch (``counting.lora_forward_flops``).
-* ``median_time`` — the median wall time of a call over repeats (timings are printed, never
-  asserted).
+* ``median_time``, ``compare_times`` — the median wall time of a call over repeats, and of
+  several calls timed in turn (timings are printed, never asserted).
 * ``swap_adapter`` — unmerge, load another adapter file, merge again: one base model, the
   adapter of the moment folded into its weights.
 * ``MultiAdapterLinear``, ``serving_model``, ``serve`` — several adapters on one copy of the
@@ -36,7 +36,7 @@ from .lora import DoRALinear, LoRAEmbedding, LoRALinear, load_adapter, lora_laye
 from .modules import Embedding, Linear, Module, no_grad
 from .validate import check_int
 
-__all__ = ["forward_flops", "Timing", "median_time", "swap_adapter", "MultiAdapterLinear",
+__all__ = ["forward_flops", "Timing", "median_time", "compare_times", "swap_adapter", "MultiAdapterLinear",
            "serving_model", "serve", "RoundTrips", "round_trip_errors"]
 
 
@@ -91,6 +91,27 @@ def median_time(fn, repeats: int = 7, warmup: int = 1) -> Timing:
         fn()
         times.append(time.perf_counter() - t0)
     return Timing(statistics.median(times), tuple(times))
+
+
+def compare_times(fns: dict, repeats: int = 9, warmup: int = 1) -> dict:
+    """``median_time`` for several calls, interleaved: round t calls every ``fns[name]()`` once,
+    in order, so a machine that slows down or speeds up part-way (another process, CPU
+    frequency) shifts every call alike instead of the one that happened to run then. Returns
+    name -> ``Timing``. Print the times and their ratios; never assert them."""
+    if not isinstance(fns, dict) or not fns or not all(callable(f) for f in fns.values()):
+        raise TypeError("compare_times: fns must be a non-empty dict of name -> callable")
+    repeats = check_int("repeats", repeats, minimum=1)
+    warmup = check_int("warmup", warmup, minimum=0)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: Timing(statistics.median(t), tuple(t)) for name, t in times.items()}
 
 
 # ---------------------------------------------------------------------------- swap by merging

@@ -496,3 +496,15 @@ def test_measured_activations_of_a_block_are_the_formula_plus_what_lora_np_keeps
 def test_measured_activations_need_a_model():
     with pytest.raises(TypeError, match="named_modules"):
         counting.measured_activation_bytes(object())
+
+
+def test_measured_activations_count_a_window_view_as_itself():
+    # token ids cut by sliding_window_view: the view's "base" claims every window as a copy
+    from lora_np.text import LanguageModel
+    from lora_np.text.corpus import windows
+    ids = np.arange(5000, dtype=np.int32) % 11
+    x, _ = windows(ids, context=6, stride=1)
+    model = LanguageModel(11, d_model=8, n_heads=2, n_layers=1, d_hidden=16, context=6, rng=0)
+    model(x[:2])
+    got = counting.measured_activation_bytes(model)
+    assert got["tok_emb"] < 1000 and sum(got.values()) < 50_000

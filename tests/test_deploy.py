@@ -235,3 +235,11 @@ def test_round_trip_errors_bad_input():
         deploy.round_trip_errors(layer, 2)
     with pytest.raises(TypeError, match="LoRALinear"):
         deploy.round_trip_errors(Linear(3, 3), 2)
+
+
+def test_compare_times_interleaves_the_calls():
+    order = []
+    t = deploy.compare_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4 and set(t) == {"a", "b"} and len(t["a"].times) == 3
+    with pytest.raises(TypeError, match="dict of name"):
+        deploy.compare_times([lambda: None])

@@ -352,11 +352,17 @@ def korthikanti_activation_bytes(seq_len: int, batch: int, d_model: int, n_heads
     return n_layers * per_layer
 
 
-def _root(a: np.ndarray) -> np.ndarray:
-    """The array that owns ``a``'s memory (a view's base, followed to the end)."""
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
+def _owner(a: np.ndarray):
+    """(key, bytes) of the memory ``a`` keeps alive: the array that owns its buffer (a view's
+    base, followed to the end) and that array's size. A view whose chain ends in an array that
+    does not own its data (``np.lib.stride_tricks.sliding_window_view``, whose ``nbytes`` counts
+    every overlapping window as if it were a copy) counts as itself, once."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if root.flags.owndata:
+        return id(root), root.nbytes
+    return id(a), a.nbytes
 
 
 def _arrays_in(obj):
@@ -384,7 +390,7 @@ def measured_activation_bytes(model) -> dict[str, int]:
     """
     if not hasattr(model, "named_modules") or not hasattr(model, "parameters"):
         raise TypeError(f"model must have named_modules() and parameters(), got {type(model).__name__}")
-    seen = {id(_root(p)) for p in model.parameters().values()}
+    seen = {_owner(p)[0] for p in model.parameters().values()}
     out = {}
     for path, m in model.named_modules():
         cache = vars(m).get("_cache")
@@ -392,11 +398,11 @@ def measured_activation_bytes(model) -> dict[str, int]:
             continue
         total = 0
         for a in _arrays_in(cache):
-            root = _root(a)
-            if id(root) in seen:
+            key, nbytes = _owner(a)
+            if key in seen:
                 continue
-            seen.add(id(root))
-            total += root.nbytes
+            seen.add(key)
+            total += nbytes
         if total:
             out[path] = total
     return out
