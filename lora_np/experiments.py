@@ -25,15 +25,16 @@ What is measured, per method (``MethodResult``):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .analysis import left_subspace_similarity, singular_values
 from .claims import Claim, format_claims
 from .counting import lora_params, measured_training_state_bytes
+from .fair import FairResult, Run, compare
 from .lora import add_lora, lora_layers
-from .modules import Linear
+from .modules import Linear, no_grad
 from .tasks import Task, attention_task, mlp_task
 from .train import TrainHistory, train
 from .validate import check_int
@@ -41,7 +42,8 @@ from .validate import check_int
 __all__ = ["MethodResult", "SweepResult", "SweepSettings", "full_finetune", "lora_finetune",
            "sweep", "rank_sweep", "attention_sweep", "format_table", "equivalent_delta",
            "lora_formula_params", "Claim", "check_claims", "format_claims",
-           "DEFAULT_RANKS", "QUICK_RANKS"]
+           "DEFAULT_RANKS", "QUICK_RANKS", "held_out_split", "fair_comparison",
+           "lora_free_parameters", "least_squares_overfit"]
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
 QUICK_RANKS = (1, 2, 4, 8, 64)
@@ -73,7 +75,9 @@ class MethodResult:
     method : "full" or "lora";  rank : r (None for full FT);  targets : layers LoRA adapts
     (for full FT: every layer). ``delta_weights`` and ``equivalent_delta`` map each of
     ``task.delta_true``'s keys to ΔW (d_out, d_in); ``lora_factors`` maps each LoRA layer to
-    (A (r, d_in), B (d_out, r)).
+    (A (r, d_in), B (d_out, r)); ``held_out_losses`` maps each name of the ``held_out`` splits
+    given to ``full_finetune``/``lora_finetune`` to the trained model's loss on it (empty when
+    none was given).
     """
     method: str
     rank: int | None
@@ -89,6 +93,7 @@ class MethodResult:
     state_bytes: int
     lora_factors: dict = field(default_factory=dict)
     scale: float | None = None
+    held_out_losses: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -198,7 +203,8 @@ def equivalent_delta(task: Task, model, delta: dict) -> dict:
             for name, dW in delta.items()}
 
 
-def _run(task: Task, model, method, rank, targets, lr, settings, verbose, scale=None) -> MethodResult:
+def _run(task: Task, model, method, rank, targets, lr, settings, verbose, scale=None,
+         held_out=None) -> MethodResult:
     before = {name: task.layer(model, name).W.copy() for name in task.delta_true}
     hist: TrainHistory = train(model, task.x_train, task.y_train, steps=settings.steps, lr=lr,
                                batch_size=settings.batch_size, schedule=settings.schedule,
@@ -213,6 +219,7 @@ def _run(task: Task, model, method, rank, targets, lr, settings, verbose, scale=
         else:
             delta[name] = task.layer(model, name).W - before[name]
     model.eval()
+    held = {name: task.loss(model, x, y) for name, (x, y) in (held_out or {}).items()}
     return MethodResult(
         method=method, rank=rank, targets=tuple(targets),
         trainable_params=model.num_parameters(trainable_only=True),
@@ -221,32 +228,39 @@ def _run(task: Task, model, method, rank, targets, lr, settings, verbose, scale=
         delta_weights=delta, equivalent_delta=equivalent_delta(task, model, delta),
         seconds_per_step=hist.seconds_per_step,
         state_bytes=measured_training_state_bytes(model, hist.optimizer),
-        lora_factors={p: (m.A.copy(), m.B.copy()) for p, m in loras.items()}, scale=scale)
+        lora_factors={p: (m.A.copy(), m.B.copy()) for p, m in loras.items()}, scale=scale,
+        held_out_losses=held)
 
 
 def full_finetune(task: Task, settings: SweepSettings = SweepSettings(),
-                  verbose: bool = False) -> MethodResult:
-    """Fine-tune a copy of ``task.pretrained`` with every parameter trainable (Adam)."""
+                  verbose: bool = False, held_out=None) -> MethodResult:
+    """Fine-tune a copy of ``task.pretrained`` with every parameter trainable (Adam).
+
+    ``held_out`` : optional dict name -> (x, y); the trained model's loss on each split goes to
+    ``MethodResult.held_out_losses`` (e.g. ``held_out_split``'s test rows).
+    """
     model = task.new_model()
     names = tuple(p for p, m in model.named_modules() if isinstance(m, Linear))
-    return _run(task, model, "full", None, names, settings.lr_full, settings, verbose)
+    return _run(task, model, "full", None, names, settings.lr_full, settings, verbose,
+                held_out=held_out)
 
 
 def lora_finetune(task: Task, r: int, targets=None, settings: SweepSettings = SweepSettings(),
-                  verbose: bool = False) -> MethodResult:
+                  verbose: bool = False, held_out=None) -> MethodResult:
     """Fine-tune a copy of ``task.pretrained`` with LoRA of rank ``r`` on ``targets``
     (default: ``task.shifted``), everything else frozen.
 
     α = ``settings.alpha`` (None: α = r, so s = 1). A is drawn from
     ``default_rng([settings.seed, 2, r])``; B starts at 0, so training starts from exactly the
-    pretrained model.
+    pretrained model. ``held_out`` as in ``full_finetune``.
     """
     targets = _targets(task, targets)
     alpha = float(r) if settings.alpha is None else settings.alpha
     model = add_lora(task.new_model(), targets, r=r, alpha=alpha,
                      rng=np.random.default_rng([settings.seed, 2, int(r)]))
     scale = next(iter(lora_layers(model).values())).scale
-    return _run(task, model, "lora", int(r), targets, settings.lr_lora, settings, verbose, scale)
+    return _run(task, model, "lora", int(r), targets, settings.lr_lora, settings, verbose, scale,
+                held_out=held_out)
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -429,3 +443,115 @@ def _full_ft_delta_claims(res: SweepResult) -> list:
                   via + ", ".join(f"{n} φ = {p:.4f}" for n, p in phis.items()))]
 
 
+
+
+# --------------------------------------------------------------------------- fair comparison
+
+
+def held_out_split(task: Task, n_rows: int | None = None) -> tuple:
+    """Fresh task-B rows that no run trains or chooses a learning rate on: inputs drawn like
+    task B's (standard normal, the shape of ``task.x_val``'s rows), targets from task B's
+    teacher plus label noise of the task's std, all from ``default_rng([task.seed, 3])`` — a
+    stream the task itself never draws from. ``n_rows`` defaults to the validation split's size.
+    Returns ``(x, y)``.
+    """
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a lora_np.tasks.Task, got {type(task).__name__}")
+    n = len(task.x_val) if n_rows is None else check_int("n_rows", n_rows, minimum=1)
+    rng = np.random.default_rng([task.seed, 3])
+    x = rng.standard_normal((n, *task.x_val.shape[1:]))
+    with no_grad():
+        clean = task.teacher(x)
+    y = clean + task.noise * rng.standard_normal(clean.shape)
+    return x, y
+
+
+def _method_spec(name, spec, settings) -> dict:
+    """``fair_comparison``'s spec of one method as dict(r=…, alpha=…, targets=…) (r None: full FT)."""
+    if spec is None:
+        return dict(r=None, alpha=None, targets=None)
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        return dict(r=check_int(f"methods[{name!r}]", spec, minimum=1), alpha=settings.alpha, targets=None)
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - {"r", "alpha", "targets"})
+        if unknown or "r" not in spec:
+            raise ValueError(f"methods[{name!r}] must be None (full FT), a rank, or a dict with 'r' and "
+                             f"optionally 'alpha', 'targets'; got {spec!r}")
+        return dict(r=check_int(f"methods[{name!r}]['r']", spec["r"], minimum=1),
+                    alpha=spec.get("alpha", settings.alpha), targets=spec.get("targets"))
+    raise TypeError(f"methods[{name!r}] must be None (full FT), an int rank or a dict, got {spec!r}")
+
+
+def fair_comparison(task: Task, methods: dict, lrs, seeds=(0, 1, 2), *,
+                    settings: SweepSettings = SweepSettings(), n_test: int | None = None,
+                    workers: int = 1, verbose: bool = False) -> FairResult:
+    """Full fine-tuning and LoRA configurations on ``task`` under ``lora_np.fair.compare``: each
+    method's learning rate chosen from its own grid on task B's validation loss (first seed),
+    then every seed at that rate, reported on rows no run has seen.
+
+    methods : dict name -> None (full FT), an int r (LoRA of rank r, α = ``settings.alpha``,
+        on ``task.shifted``), or dict(r=…, alpha=…, targets=…)
+    lrs : one grid for every method, or dict name -> grid (``fair.compare``)
+    seeds : the training seeds (mini-batch order and LoRA's A init, as ``rank_sweep``'s
+        ``settings.seed``); the task itself stays ``task``
+    settings : everything else (steps, batch size, schedule); its lr and seed are replaced
+
+    Each ``Run`` has ``validation`` = the final validation loss (what the rate is chosen on),
+    ``held_out`` = {"test": loss on ``held_out_split(task, n_test)``, "old task": task A loss}
+    and ``details`` = the ``MethodResult``. The first seed at ``settings``'s own learning rate is
+    the same run as ``rank_sweep``'s, bit for bit.
+    """
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a lora_np.tasks.Task, got {type(task).__name__}")
+    if not isinstance(settings, SweepSettings):
+        raise TypeError(f"settings must be a SweepSettings, got {type(settings).__name__}")
+    if not isinstance(methods, dict) or not methods:
+        raise TypeError(f"methods must be a non-empty dict name -> None / rank / dict, got {methods!r}")
+    specs = {name: _method_spec(name, spec, settings) for name, spec in methods.items()}
+    for name, spec in specs.items():
+        if spec["r"] is not None:
+            _check_ranks((spec["r"],), task, _targets(task, spec["targets"]))
+    test = {"test": held_out_split(task, n_test)}
+
+    def method(spec):
+        def fn(lr, seed):
+            s = replace(settings, lr_full=lr, lr_lora=lr, seed=seed, alpha=spec["alpha"])
+            if spec["r"] is None:
+                m = full_finetune(task, s, held_out=test)
+            else:
+                m = lora_finetune(task, spec["r"], spec["targets"], s, held_out=test)
+            return Run(validation=m.final_val_loss,
+                       held_out={"test": m.held_out_losses["test"], "old task": m.old_task_loss},
+                       details=m)
+        return fn
+
+    return compare({name: method(spec) for name, spec in specs.items()}, lrs, seeds,
+                   workers=workers, verbose=verbose)
+
+
+# --------------------------------------------------------------------------- overfitting
+
+
+def lora_free_parameters(d_in: int, d_out: int, r: int) -> int:
+    """The number of free directions of a rank-r product ``B A`` (d_out, d_in):
+    ``r·(d_in + d_out − r)``, the dimension of the set of rank-r matrices. ``B A`` has
+    ``r·(d_in + d_out)`` entries, but ``(B G)(G⁻¹ A)`` is the same product for every invertible
+    G (r, r), so r² of them are redundant; at r = min(d_in, d_out) it is ``d_in·d_out``, every
+    matrix."""
+    d_in, d_out = check_int("d_in", d_in, minimum=1), check_int("d_out", d_out, minimum=1)
+    r = check_int("r", r, minimum=1)
+    if r > min(d_in, d_out):
+        raise ValueError(f"r must be <= min(d_in, d_out) = {min(d_in, d_out)}, got {r}")
+    return r * (d_in + d_out - r)
+
+
+def least_squares_overfit(p: int, n: int) -> tuple:
+    """Textbook linear least squares with ``p`` free parameters fitted to ``n`` noisy numbers
+    (targets = a function the model can represent + noise of variance σ², fitted to the
+    minimum): the expected training loss is σ²(1 − p/n) — p of the n noise directions are
+    fitted away — and the expected loss on fresh noise at the same inputs σ²(1 + p/n).
+    Returns ``(train, test)`` in units of σ² (noise²)."""
+    p, n = check_int("p", p, minimum=0), check_int("n", n, minimum=1)
+    if p > n:
+        raise ValueError(f"p must be <= n (more parameters than numbers fit the noise exactly), got p={p}, n={n}")
+    return 1.0 - p / n, 1.0 + p / n

@@ -322,3 +322,116 @@ def test_bad_sweep_arguments():
         sweep(task, (1,), settings={"steps": 5})
     with pytest.raises(ValueError, match="no layer .fc9."):
         sweep(task, (1,), targets=("fc9",), settings=TINY)
+
+
+# --------------------------------------------------------------------------- held-out rows, the fair protocol
+
+
+def test_held_out_split_is_fresh_task_b_data():
+    from lora_np.experiments import held_out_split
+    task = mlp_task(0, 4, **SMALL_TASK)
+    x, y = held_out_split(task)
+    assert x.shape == task.x_val.shape and y.shape == task.y_val.shape
+    x2, y2 = held_out_split(task)
+    np.testing.assert_array_equal(x, x2)                          # reproducible
+    np.testing.assert_array_equal(y, y2)
+    assert not np.allclose(x, task.x_val) and not np.allclose(x, task.x_train[:64])
+    # targets = teacher B + label noise of the task's std
+    resid = y - task.teacher(x)
+    assert resid.std() == pytest.approx(task.noise, rel=0.1)
+    assert held_out_split(task, 10)[0].shape == (10, 64)
+    with pytest.raises(TypeError, match="Task"):
+        held_out_split(None)
+    with pytest.raises(ValueError, match="n_rows"):
+        held_out_split(task, 0)
+
+
+def test_held_out_losses_are_the_trained_models_losses():
+    from lora_np.experiments import full_finetune
+    task = mlp_task(0, 4, **SMALL_TASK)
+    split = {"val again": (task.x_val, task.y_val)}
+    for m in (full_finetune(task, TINY, held_out=split), lora_finetune(task, 4, settings=TINY, held_out=split)):
+        assert m.held_out_losses["val again"] == pytest.approx(m.final_val_loss, rel=1e-12)
+    assert lora_finetune(task, 4, settings=TINY).held_out_losses == {}
+
+
+def test_fair_comparison_chooses_each_lr_on_validation_and_reports_held_out():
+    from lora_np.experiments import fair_comparison, held_out_split
+    task = mlp_task(0, 4, **SMALL_TASK)
+    lrs = (1e-3, 1e-2)
+    fr = fair_comparison(task, {"full FT": None, "LoRA r=4": 4, "LoRA r=4, α=1": dict(r=4, alpha=1.0)},
+                         lrs, seeds=(0, 1), settings=TINY)
+    assert fr.names == ["full FT", "LoRA r=4", "LoRA r=4, α=1"]
+    for o in fr:
+        assert o.lr == min(o.grid, key=lambda lr: o.grid[lr].validation)
+        assert len(o.runs) == 2 and set(o.best.held_out) == {"test", "old task"}
+    # the first seed at the sweep's own lr is the sweep's run, bit for bit
+    same = lora_finetune(task, 4, settings=replace_settings(TINY, lr_lora=1e-2), held_out={"t": held_out_split(task)})
+    grid_run = fr["LoRA r=4"].grid[1e-2]
+    assert grid_run.validation == same.final_val_loss
+    assert grid_run.held_out["test"] == same.held_out_losses["t"]
+    assert grid_run.held_out["old task"] == same.old_task_loss
+    assert fr["LoRA r=4, α=1"].best.details.scale == 0.25
+    # seed 1 is another batch order (and A init): another run
+    assert fr["LoRA r=4"].runs[1].validation != fr["LoRA r=4"].runs[0].validation
+
+
+def replace_settings(settings, **kw):
+    from dataclasses import replace
+    return replace(settings, **kw)
+
+
+def test_fair_comparison_bad_arguments():
+    from lora_np.experiments import fair_comparison
+    task = mlp_task(0, 4, **SMALL_TASK)
+    with pytest.raises(TypeError, match="Task"):
+        fair_comparison(None, {"a": 4}, (1e-2,))
+    with pytest.raises(TypeError, match="non-empty dict"):
+        fair_comparison(task, {}, (1e-2,))
+    with pytest.raises(TypeError, match="None \\(full FT\\), an int rank or a dict"):
+        fair_comparison(task, {"a": "four"}, (1e-2,))
+    with pytest.raises(ValueError, match="'r'"):
+        fair_comparison(task, {"a": dict(rank=4)}, (1e-2,))
+    with pytest.raises(ValueError, match="larger than min"):
+        fair_comparison(task, {"a": 65}, (1e-2,))
+    with pytest.raises(TypeError, match="SweepSettings"):
+        fair_comparison(task, {"a": 4}, (1e-2,), settings=dict(steps=3))
+
+
+# --------------------------------------------------------------------------- overfitting, by the textbook
+
+
+def test_lora_free_parameters():
+    from lora_np.experiments import lora_free_parameters
+    assert lora_free_parameters(64, 64, 4) == 4 * 124 == lora_params(64, 64, 4) - 16
+    assert lora_free_parameters(64, 64, 64) == 64 * 64            # every 64 x 64 matrix
+    assert lora_free_parameters(10, 30, 2) == 2 * 38
+    # the dimension of the rank-r matrices: the rank of the Jacobian of (A, B) -> B A at a generic point
+    rng = np.random.default_rng(0)
+    d_out, d_in, r = 6, 5, 2
+    A, B = rng.standard_normal((r, d_in)), rng.standard_normal((d_out, r))
+    J = np.concatenate([np.kron(B, np.eye(d_in)), np.kron(np.eye(d_out), A.T)], axis=1)   # d(BA)/d(vec A, vec B)
+    assert np.linalg.matrix_rank(J) == lora_free_parameters(d_in, d_out, r)
+    with pytest.raises(ValueError, match="min\\(d_in, d_out\\)"):
+        lora_free_parameters(4, 8, 5)
+
+
+def test_least_squares_overfit_is_what_linear_least_squares_does():
+    from lora_np.experiments import least_squares_overfit
+    assert least_squares_overfit(8320, 65536) == pytest.approx((0.873047, 1.126953), abs=1e-6)
+    assert least_squares_overfit(0, 10) == (1.0, 1.0)
+    rng = np.random.default_rng(0)
+    n, p, sigma = 400, 100, 0.5
+    train, test = [], []
+    for _ in range(200):                              # fixed design, fresh noise each time
+        X = rng.standard_normal((n, p)) if not train else X
+        beta = rng.standard_normal(p)
+        y = X @ beta + sigma * rng.standard_normal(n)
+        fit = np.linalg.lstsq(X, y, rcond=None)[0]
+        train.append(np.mean((X @ fit - y) ** 2) / sigma ** 2)
+        test.append(np.mean((X @ fit - X @ beta - sigma * rng.standard_normal(n)) ** 2) / sigma ** 2)
+    pred_train, pred_test = least_squares_overfit(p, n)
+    assert np.mean(train) == pytest.approx(pred_train, abs=0.01)
+    assert np.mean(test) == pytest.approx(pred_test, abs=0.02)
+    with pytest.raises(ValueError, match="p must be <= n"):
+        least_squares_overfit(11, 10)

@@ -7,6 +7,7 @@ from matplotlib.figure import Figure
 
 from lora_np.analysis import tail_energy
 from lora_np.plots import plot_budget_bars, plot_forgetting_vs_leak, plot_rank_floor
+from lora_np.plots.finetuning import LEAK
 
 from _plots_helpers import PNG_MAGIC, assert_readable, line
 
@@ -17,18 +18,23 @@ def test_rank_floor_figure(tmp_path):
     pred = tail_energy(np.ones(4), relative=True)                  # equal σ: (4 - r) / 4
     fig = plot_rank_floor([1, 2, 4, 8], [0.76, 0.51, 0.001, 0.001], r_pred, pred, 4,
                           oracle_loss=[0.75, 0.5, 0.001, 0.001], full_loss=0.0012, noise_floor=0.001,
-                          path=path)
+                          oracle_range=[[0.73, 0.78], [0.48, 0.54], [0.001, 0.001], [0.001, 0.001]],
+                          ylabel="(L − noise²) ÷ (L₀ − noise²)", path=path)
     assert_readable(fig)
     assert path.read_bytes()[:8] == PNG_MAGIC
     (ax,) = fig.axes
     labels = [l.get_label() for l in ax.get_lines()]
-    ey = next(l for l in ax.get_lines() if l.get_label().startswith("Eckart–Young"))
+    ey = next(l for l in ax.get_lines() if l.get_label().startswith("isotropic model"))
     np.testing.assert_allclose(ey.get_ydata(), [1, 0.75, 0.5, 0.25, 0])
     np.testing.assert_array_equal(line(ax, "LoRA rank r, trained").get_ydata(), [0.76, 0.51, 0.001, 0.001])
-    np.testing.assert_array_equal(line(ax, "pretrained W + best rank-r approx. of ΔW*").get_ydata(),
+    np.testing.assert_array_equal(line(ax, "pretrained W + truncated SVD of ΔW*").get_ydata(),
                                   [0.75, 0.5, 0.001, 0.001])
     np.testing.assert_array_equal(line(ax, "true rank k = 4").get_xdata(), [4, 4])
-    assert "full fine-tuning" in labels and "noise floor (noise² / L₀)" in labels
+    assert "full fine-tuning" in labels and "noise floor" in labels
+    assert ax.get_ylabel() == "(L − noise²) ÷ (L₀ − noise²)"
+    (bars,) = [c for c in ax.collections if c.get_label().startswith("other best rank-r")]
+    segments = bars.get_segments()
+    assert [tuple(seg[:, 1]) for seg in segments[:2]] == [(0.73, 0.78), (0.48, 0.54)]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3", "4", "8"]
 
 
@@ -40,6 +46,8 @@ def test_rank_floor_bad_input():
         plot_rank_floor([1, 2], [0.7, 0.5], r_pred, pred, 4, oracle_loss=[0.7])
     with pytest.raises(ValueError, match="one length"):
         plot_rank_floor([1, 2], [0.7, 0.5], r_pred, pred[:2], 4)
+    with pytest.raises(ValueError, match="one \\(min, max\\) pair per rank"):
+        plot_rank_floor([1, 2], [0.7, 0.5], r_pred, pred, 4, oracle_range=[[0.6, 0.8]])
 
 
 def test_forgetting_vs_leak_figure(tmp_path):
@@ -56,8 +64,11 @@ def test_forgetting_vs_leak_figure(tmp_path):
     # r=1 and r=2 are close neighbours: the second one's label goes on the left
     sides = {t.get_text(): t.get_ha() for t in ax.texts}
     assert sides["LoRA r=1"] == "left" and sides["LoRA r=2"] == "right"
-    ref = line(ax, "old-task loss = 0.009 · ‖ΔW Q_A‖²")
+    ref = line(ax, "old-task loss = 0.009 · " + LEAK)
     np.testing.assert_allclose(ref.get_ydata(), 0.009 * ref.get_xdata())
+    # mathtext, not raw "Q_A" / "_F": the label renders as Q with a subscript A
+    assert LEAK.startswith("$") and LEAK.endswith("$") and LEAK in ax.get_xlabel()
+    assert "Q_A" not in ax.get_xlabel().replace(LEAK, "")
 
 
 def test_forgetting_vs_leak_bad_input():
@@ -86,10 +97,17 @@ def test_budget_bars_figure(tmp_path):
     assert axes[0].get_ylabel() and [a.get_title() for a in axes] == ["task 1", "task 2"]
     for ax, (name, vals) in zip(axes, losses.items()):
         assert ax.get_xlabel() and ax.get_xscale() == "log"
-        bars = sorted(ax.patches, key=lambda p: -p.get_y())            # top bar = first config
-        np.testing.assert_allclose([b.get_width() for b in bars], vals)
-        green = [b.get_facecolor() == to_rgba("C2") for b in bars]
+        assert not ax.patches, "dots, not bars: a bar's length on a log axis means nothing"
+        dots = {}                                           # y position -> (x, colour)
+        for ln in ax.get_lines():
+            if ln.get_linestyle() == "None":
+                for x, y in zip(ln.get_xdata(), ln.get_ydata()):
+                    dots[y] = (x, to_rgba(ln.get_color()))
+        top_down = [dots[y] for y in sorted(dots, reverse=True)]          # top row = first config
+        np.testing.assert_allclose([x for x, _ in top_down], vals)
+        green = [c == to_rgba("C2") for _, c in top_down]
         assert green == [bool(h) for h in {"task 1": [0, 1, 1], "task 2": [0, 0, 1]}[name]]
+        assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:#.3g}" for v in vals)
     # the panels share the y axis; its labels are drawn on the first one, top to bottom
     ticks = sorted(zip(axes[0].get_yticks(), (t.get_text() for t in axes[0].get_yticklabels())), reverse=True)
     assert [label for _, label in ticks] == configs

@@ -11,6 +11,7 @@ from lora_np.counting import training_state_bytes
 from lora_np.experiments import SweepSettings, rank_sweep
 from lora_np.plots import (FIGURE_NAMES, plot_delta_spectra, plot_loss_curves, plot_loss_vs_rank,
                            plot_param_counts, plot_subspace_similarity, save_figures)
+from lora_np.plots.sweep import least_squares_prediction
 
 from _plots_helpers import PNG_MAGIC, assert_readable, line
 
@@ -35,6 +36,7 @@ def test_every_figure_is_readable(fn, result):
 def test_loss_vs_rank_draws_the_results(result):
     fig = plot_loss_vs_rank(result)
     ax_val, ax_old = fig.axes
+    assert_readable(plot_loss_vs_rank(result, noise_panel=True))
     L0 = result.initial_val_loss
     np.testing.assert_allclose(line(ax_val, "LoRA").get_ydata(),
                                [result.lora[r].final_val_loss / L0 for r in result.ranks])
@@ -44,12 +46,46 @@ def test_loss_vs_rank_draws_the_results(result):
                                [result.lora[r].old_task_loss for r in result.ranks])
 
 
+def test_loss_vs_rank_noise_panel_shows_the_floor_in_units_of_noise(result):
+    """The middle panel: r ≥ k and full FT ÷ noise² on a linear axis, beside 1 + p/n."""
+    ax_val, ax_noise, ax_old = plot_loss_vs_rank(result, noise_panel=True).axes
+    nf, k = result.task.noise_floor, result.task.true_rank
+    high = [r for r in result.ranks if r >= k]
+    lora = line(ax_noise, f"LoRA, r ≥ {k}")
+    assert list(lora.get_xdata()) == high
+    np.testing.assert_allclose(lora.get_ydata(), [result.lora[r].final_val_loss / nf for r in high])
+    full = result.full.final_val_loss / nf
+    assert line(ax_noise, f"full fine-tuning ({full:.3f})").get_ydata()[0] == pytest.approx(full)
+    assert ax_noise.get_yscale() == "linear"
+    n = result.task.y_train.size                               # 128 rows x 64 outputs
+    pred = least_squares_prediction(result)
+    assert pred["full"] == pytest.approx(1 + min(result.full.trainable_params, n) / n)
+    assert pred[8] == pytest.approx(1 + 8 * (64 + 64 - 8) / n)          # r(d_in + d_out − r)
+    np.testing.assert_allclose(line(ax_noise, "least squares: 1 + p/n").get_ydata(), [pred[r] for r in high])
+    np.testing.assert_allclose(line(ax_old, "LoRA").get_ydata(), [result.lora[r].old_task_loss for r in result.ranks])
+
+
 def test_loss_curves_one_line_per_method(result):
     ax = plot_loss_curves(result, window=1).axes[0]
     for r in result.ranks:
         y = line(ax, f"LoRA r={r}").get_ydata()
         np.testing.assert_allclose(y, np.array(result.lora[r].loss_history) / result.initial_val_loss)
     assert len(line(ax, "full fine-tuning").get_ydata()) == len(result.full.loss_history)
+    # neighbouring ranks differ in line style and marker, not only in a close colour
+    styles = {(line(ax, f"LoRA r={r}").get_linestyle(), line(ax, f"LoRA r={r}").get_marker()) for r in result.ranks}
+    assert len(styles) == len(result.ranks)
+
+
+def test_loss_curves_late_panel_in_units_of_noise(result):
+    """The right panel: the end of the runs with r ≥ k and full FT, ÷ noise², linear axis."""
+    _, ax2 = plot_loss_curves(result, late_window=5, late_from=0.5).axes
+    nf, k, n = result.task.noise_floor, result.task.true_rank, len(result.full.loss_history)
+    labels = [l.get_label() for l in ax2.get_lines()]
+    assert [f"LoRA r={r}" for r in result.ranks if r >= k] == [x for x in labels if x.startswith("LoRA")]
+    y = line(ax2, "full fine-tuning").get_ydata()
+    h = np.asarray(result.full.loss_history)
+    assert len(y) == n - n // 2 and y[-1] == pytest.approx(h[-5:].mean() / nf)
+    assert ax2.get_yscale() == "linear" and line(ax2, "noise floor").get_ydata()[0] == 1.0
 
 
 def test_loss_curves_running_mean(result):

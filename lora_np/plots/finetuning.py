@@ -1,53 +1,69 @@
 """Figures of notebooks 04–05, full fine-tuning against LoRA: the Eckart–Young floor below the
 true rank, forgetting against the part of ΔW that the old task's inputs see, and the
-fixed-parameter-budget bars of Hu et al. 2021, Table 5, in miniature.
+fixed-parameter-budget comparison of Hu et al. 2021, Table 5, in miniature (one dot per
+configuration).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from .checks import check_positive_1d, check_same_length
 from .style import FULL_FT, teaching_figure
 
-__all__ = ["plot_rank_floor", "plot_forgetting_vs_leak", "plot_budget_bars"]
+__all__ = ["plot_rank_floor", "plot_forgetting_vs_leak", "plot_budget_bars", "LEAK"]
+
+#: ‖ΔW Q_A‖²_F in mathtext: the part of ΔW that task A's inputs see (notebook 04, section 8)
+LEAK = r"$\|\Delta W\, Q_A\|_F^{\,2}$"
 
 
 def plot_rank_floor(ranks, lora_loss, predicted_ranks, predicted, k, oracle_loss=None,
-                    full_loss=None, noise_floor=None, title=None, path=None) -> Figure:
-    """Loss after fine-tuning ÷ L₀ against LoRA rank r (linear axes), next to the
-    Eckart–Young prediction for the best rank-r update.
+                    full_loss=None, noise_floor=None, title=None, path=None, oracle_range=None,
+                    ylabel="validation loss ÷ L₀") -> Figure:
+    """Loss after fine-tuning against LoRA rank r (linear axes), next to what an isotropic
+    quadratic model of the loss predicts for the best rank-r update (the Eckart–Young tail) —
+    a model's prediction, not a bound on the loss.
 
-    ranks, lora_loss : (m,) LoRA ranks and their final validation loss ÷ L₀ (dots)
-    predicted_ranks, predicted : (p,) ranks and the predicted floor ÷ L₀ at each, e.g.
+    ranks, lora_loss : (m,) LoRA ranks and their final validation loss (dots), in the units of
+        ``ylabel`` (e.g. ÷ L₀, or the excess (L − noise²) ÷ (L₀ − noise²))
+    predicted_ranks, predicted : (p,) ranks and the predicted value at each, e.g.
         Σ_{i>r} σᵢ² / Σ σᵢ² of ΔW* (``analysis.tail_energy(..., relative=True)``; line)
     k : the true rank (dotted vertical line)
-    oracle_loss : optional (m,) loss ÷ L₀ of the model given the best rank-r approximation of
-        ΔW* directly (squares)
-    full_loss, noise_floor : optional horizontal lines (÷ L₀)
+    oracle_loss : optional (m,) loss of the model given the truncated SVD [ΔW*]_r directly
+        (squares)
+    oracle_range : optional (m, 2) min and max loss over other best rank-r approximations of
+        ΔW* (when σ_r = σ_{r+1} the truncation is not unique); drawn as a vertical bar per rank
+    full_loss, noise_floor : optional horizontal lines
     """
     a = check_same_length(ranks=ranks, lora_loss=lora_loss)
     p = check_same_length(predicted_ranks=predicted_ranks, predicted=predicted)
     if oracle_loss is not None:
         oracle_loss = check_same_length(ranks=ranks, oracle_loss=oracle_loss)["oracle_loss"]
+    if oracle_range is not None:
+        oracle_range = np.asarray(oracle_range, dtype=np.float64)
+        if oracle_range.shape != (a["ranks"].size, 2):
+            raise ValueError(f"oracle_range must be one (min, max) pair per rank, shape "
+                             f"({a['ranks'].size}, 2), got {oracle_range.shape}")
     with teaching_figure(figsize=(11, 6.2), path=path) as (fig, (ax,)):
         ax.plot(p["predicted_ranks"], p["predicted"], "-", color="C0", lw=2.5,
-                label=r"Eckart–Young: $\sum_{i>r}\sigma_i^2 \,/\, \sum_i\sigma_i^2$ of ΔW*")
+                label=r"isotropic model: $\sum_{i>r}\sigma_i^2 \,/\, \sum_i\sigma_i^2$ of ΔW*")
+        if oracle_range is not None:
+            ax.vlines(a["ranks"], oracle_range[:, 0], oracle_range[:, 1], color="C2", lw=6, alpha=0.45,
+                      label="other best rank-r approximations of ΔW* (min–max)")
         if oracle_loss is not None:
             ax.plot(a["ranks"], oracle_loss, "s", color="C2", ms=13, mfc="none", mew=2.5,
-                    label="pretrained W + best rank-r approx. of ΔW*")
+                    label="pretrained W + truncated SVD of ΔW*")
         ax.plot(a["ranks"], a["lora_loss"], "o", color="C1", ms=10, label="LoRA rank r, trained")
         if full_loss is not None:
             ax.axhline(full_loss, label="full fine-tuning", **FULL_FT)
         if noise_floor is not None:
-            ax.axhline(noise_floor, color="gray", ls=":", lw=2, label="noise floor (noise² / L₀)")
+            ax.axhline(noise_floor, color="gray", ls=":", lw=2, label="noise floor")
         ax.axvline(k, color="C3", ls=":", lw=2, label=f"true rank k = {k}")
         ax.set_ylim(-0.03, 1.05)
         ax.set_xticks(np.unique(np.concatenate([a["ranks"], p["predicted_ranks"]])).astype(int))
-        ax.set(xlabel="LoRA rank r", ylabel="validation loss ÷ L₀",
-               title=title or "Below the true rank: the Eckart–Young floor")
+        ax.set(xlabel="LoRA rank r", ylabel=ylabel,
+               title=title or "Below the true rank: the Eckart–Young prediction")
         ax.legend(loc="upper right")
     return fig
 
@@ -85,11 +101,11 @@ def plot_forgetting_vs_leak(labels, leak, old_loss, slope=None, title=None, path
         if slope is not None:
             x = np.geomspace(v["leak"].min() / 2, v["leak"].max() * 2, 50)
             ax.plot(x, slope * x, color="gray", ls="--", lw=2,
-                    label=f"old-task loss = {slope:.2g} · ‖ΔW Q_A‖²")
+                    label=f"old-task loss = {slope:.2g} · " + LEAK)
         _label_points(ax, labels, v["leak"], v["old_loss"])
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set(xlabel="‖ΔW Q_A‖²_F  (part of ΔW that task A's inputs see)",
+        ax.set(xlabel=LEAK + "  (the part of ΔW that task A's inputs see)",
                ylabel="task A loss after fine-tuning (MSE)",
                title=title or "Forgetting follows the part of ΔW inside task A's inputs")
         if slope is not None:
@@ -99,17 +115,22 @@ def plot_forgetting_vs_leak(labels, leak, old_loss, slope=None, title=None, path
 
 def plot_budget_bars(configs, losses, full=None, noise_floor=None, highlight=None, budget=None,
                      path=None) -> Figure:
-    """Hu et al. 2021 (arXiv 2106.09685) Table 5 in miniature: one horizontal bar per LoRA
-    configuration (same parameter budget), final validation loss ÷ L₀ on a log axis; one panel
-    per task.
+    """Hu et al. 2021 (arXiv 2106.09685) Table 5 in miniature: one row per LoRA configuration
+    (same parameter budget), its final validation loss ÷ L₀ as a dot on a log axis, the value
+    printed beside it; one panel per task. Dots, not bars: a bar's length on a log axis starts
+    at an arbitrary left edge and means nothing, a dot's position is the value.
 
     configs : (m,) str labels, e.g. "{q,v} r=4"
     losses : dict task title -> (m,) loss ÷ L₀, one per config
     full : optional dict task title -> full fine-tuning's loss ÷ L₀ (dashed line)
     noise_floor : optional dict task title -> noise² / L₀ (dotted line)
-    highlight : optional dict task title -> (m,) bools; True bars (e.g. "adapts every matrix
-        the task shifts") are drawn in a second colour
+    highlight : optional dict task title -> (m,) bools; True rows (e.g. "adapts every matrix
+        the task shifts") are drawn in a second colour and shape
     budget : optional int, the trainable-parameter budget, for the title
+
+    Each panel holds one line (markers only) per colour, labelled ``"adapts every shifted
+    matrix"`` (C2, squares) and ``"does not adapt every shifted matrix"`` (C0, circles), or
+    ``"LoRA"`` without ``highlight``.
     """
     configs = list(configs)
     if not isinstance(losses, dict) or not losses:
@@ -122,16 +143,27 @@ def plot_budget_bars(configs, losses, full=None, noise_floor=None, highlight=Non
     y = np.arange(len(configs))[::-1]
     title = "Same parameter budget, different matrices" + \
         (f" ({budget:,} trainable parameters each)" if budget else "")
+    groups = (("does not adapt every shifted matrix", "C0", "o", False),
+              ("adapts every shifted matrix", "C2", "s", True))
     with teaching_figure(1, n, figsize=(8.2 * n, 7.2), path=path, title=title, constrained=True,
                          sharey=True) as (fig, axes):
         handles = {}
         for ax, (name, vals) in zip(axes, losses.items()):
             vals = np.asarray(vals, dtype=np.float64)
             hl = np.zeros(len(configs), bool) if highlight is None else np.asarray(highlight[name], bool)
-            ax.barh(y, vals, color=np.where(hl, "C2", "C0"), height=0.7)
+            for yi in y:                                   # a faint guide line per row
+                ax.axhline(yi, color="0.85", lw=1, zorder=0)
+            for label, color, marker, flag in groups:
+                sel = hl == flag
+                if sel.any():
+                    ln, = ax.plot(vals[sel], y[sel], marker, color=color, ms=13, ls="none",
+                                  label=label if highlight is not None else "LoRA", zorder=3)
+                    if highlight is not None:
+                        handles[label] = ln
             for yi, v in zip(y, vals):
-                ax.text(v * 1.15, yi, f"{v:#.3g}", va="center", fontsize=13,
-                        bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.85))
+                ax.annotate(f"{v:#.3g}", (v, yi), xytext=(12, 0), textcoords="offset points",
+                            va="center", fontsize=13,
+                            bbox=dict(facecolor="white", edgecolor="none", pad=1, alpha=0.85))
             if full is not None:
                 handles["full fine-tuning"] = ax.axvline(full[name], **FULL_FT)
             if noise_floor is not None:
@@ -139,15 +171,14 @@ def plot_budget_bars(configs, losses, full=None, noise_floor=None, highlight=Non
                                                                   lw=2)
             ax.set_xscale("log")
             ax.set_xlim(min([vals.min(), *(d[name] for d in (full, noise_floor) if d)]) / 2.5, 6)
+            ax.set_ylim(y.min() - 0.6, y.max() + 0.6)
             ax.set_yticks(y, configs)
             ax.grid(axis="y", visible=False)
             ax.set(xlabel="validation loss ÷ L₀ (log scale)", title=name)
-            if hl.any():
-                handles["adapts every shifted matrix"] = Patch(color="C2")
-        if highlight is not None:
-            handles["does not adapt every shifted matrix"] = Patch(color="C0")
         axes[0].set_ylabel("LoRA targets, rank")
         if handles:
-            fig.legend(list(handles.values()), list(handles), loc="outside lower center",
-                       ncol=min(len(handles), 4), fontsize=13)
+            order = [k for k in ("full fine-tuning", "noise floor (noise² / L₀)", "adapts every shifted matrix",
+                                 "does not adapt every shifted matrix") if k in handles]
+            fig.legend([handles[k] for k in order], order, loc="outside lower center",
+                       ncol=min(len(order), 4), fontsize=13)
     return fig

@@ -13,11 +13,11 @@ from matplotlib.figure import Figure
 
 from ..analysis import random_subspace_baseline, row_space_basis, singular_values, subspace_similarity_grid
 from ..counting import training_state_bytes
-from ..experiments import SweepResult, lora_formula_params
+from ..experiments import SweepResult, least_squares_overfit, lora_formula_params, lora_free_parameters
 from .checks import check_sweep
 from .style import FULL_FT, log2_ticks, teaching_figure
 
-__all__ = ["FIGURE_NAMES", "save_figures", "plot_loss_vs_rank", "plot_loss_curves",
+__all__ = ["FIGURE_NAMES", "save_figures", "plot_loss_vs_rank", "plot_loss_curves", "least_squares_prediction",
            "plot_delta_spectra", "plot_subspace_similarity", "plot_param_counts"]
 
 #: file name of each figure that ``save_figures`` writes
@@ -54,15 +54,23 @@ def _layer(result: SweepResult, layer) -> str:
 # --------------------------------------------------------------------------- losses
 
 
-def plot_loss_vs_rank(result: SweepResult, path=None) -> Figure:
+def plot_loss_vs_rank(result: SweepResult, path=None, noise_panel: bool = False) -> Figure:
     """Left: task B validation loss ÷ L₀ after fine-tuning, against LoRA rank (log–log), with
     full fine-tuning as a dashed line, the noise floor (noise² ÷ L₀) dotted and the true rank k
-    marked. Right: task A loss (forgetting) against rank, full FT dashed."""
+    marked. Right: task A loss (forgetting) against rank, full FT dashed.
+
+    ``noise_panel=True`` adds a middle panel: the same validation losses ÷ noise² on a linear
+    axis, for the ranks r ≥ k and full FT only — near the noise floor, where the left panel's
+    log axis (three decades) puts LoRA r = k (1.004·noise²) and full FT (1.145·noise²) on top
+    of each other.
+    """
     res = check_sweep("result", result)
     ranks, k, L0 = res.ranks, res.task.true_rank, res.initial_val_loss
     val = [res.lora[r].final_val_loss / L0 for r in ranks]
     old = [res.lora[r].old_task_loss for r in ranks]
-    with teaching_figure(1, 2, figsize=(15, 5.8), path=path) as (fig, (ax1, ax2)):
+    n = 3 if noise_panel else 2
+    with teaching_figure(1, n, figsize=(7.5 * n, 5.8), path=path) as (fig, axes):
+        ax1, ax2 = axes[0], axes[-1]
         ax1.plot(ranks, val, "o-", color="C0", ms=9, label="LoRA")
         ax1.axhline(res.full.final_val_loss / L0, label="full fine-tuning", **FULL_FT)
         ax1.axhline(res.task.noise_floor / L0, color="gray", ls=":", lw=2,
@@ -72,6 +80,8 @@ def plot_loss_vs_rank(result: SweepResult, path=None) -> Figure:
         ax1.set(xlabel="LoRA rank r", ylabel="validation loss ÷ L₀",
                 title=f"Task B: loss after fine-tuning (L₀ = {L0:.3g})")
         ax1.legend(loc="center right")
+        if noise_panel:
+            _noise_panel(axes[1], res)
         ax2.plot(ranks, old, "o-", color="C1", ms=9, label="LoRA")
         ax2.axhline(res.full.old_task_loss, label="full fine-tuning", **FULL_FT)
         ax2.set_yscale("log")
@@ -80,6 +90,45 @@ def plot_loss_vs_rank(result: SweepResult, path=None) -> Figure:
                 title="Task A: forgetting")
         ax2.legend(loc="best")              # the points move with the task; let matplotlib avoid them
     return fig
+
+
+def least_squares_prediction(res: SweepResult) -> dict:
+    """Textbook least squares' validation loss ÷ noise², 1 + p/n (``least_squares_overfit``),
+    for full FT (p = its trainable parameters) and each LoRA rank (p = Σ over its layers of
+    ``lora_free_parameters``), n = the number of training targets: ``{"full": …, r: …}``
+    (p capped at n: a model with p ≥ n fits the noise exactly, 1 + p/n = 2)."""
+    task = res.task
+    n = task.y_train.size
+    out = {"full": least_squares_overfit(min(res.full.trainable_params, n), n)[1]}
+    for r, m in res.lora.items():
+        p = sum(lora_free_parameters(task.layer(task.pretrained, t).d_in, task.layer(task.pretrained, t).d_out, r)
+                for t in m.targets)
+        out[r] = least_squares_overfit(min(p, n), n)[1]
+    return out
+
+
+def _noise_panel(ax, res: SweepResult) -> None:
+    """Validation loss ÷ noise² for r ≥ k and full FT, linear axis, the noise floor at 1, and
+    textbook least squares' 1 + p/n beside them."""
+    k, nf = res.task.true_rank, res.task.noise_floor
+    high = [r for r in res.ranks if r >= k]
+    val = [res.lora[r].final_val_loss / nf for r in high]
+    full = res.full.final_val_loss / nf
+    pred = least_squares_prediction(res)
+    ax.plot(high, val, "o-", color="C0", ms=9, label=f"LoRA, r ≥ {k}")
+    ax.plot(high, [pred[r] for r in high], "D", color="C0", mfc="none", mew=2, ms=10,
+            label="least squares: 1 + p/n")
+    ax.axhline(full, label=f"full fine-tuning ({full:.3f})", **FULL_FT)
+    ax.axhline(pred["full"], color="black", ls=(0, (1, 2)), lw=1.8,
+               label=f"full FT, least squares ({pred['full']:.3f})")
+    ax.axhline(1.0, color="gray", ls=":", lw=2, label="noise floor (1)")
+    if high:
+        log2_ticks(ax, high)
+    top = max([full, pred["full"], *val, *(pred[r] for r in high)])
+    ax.set_ylim(1 - 0.15 * (top - 1), top + 0.35 * (top - 1))
+    ax.set(xlabel="LoRA rank r", ylabel="validation loss ÷ noise²",
+           title="Task B, near the noise floor")
+    ax.legend(loc="center left", fontsize=11)
 
 
 def _smooth(values, window: int) -> np.ndarray:
@@ -91,24 +140,55 @@ def _smooth(values, window: int) -> np.ndarray:
     return (c[i] - c[lo]) / (i - lo)
 
 
-def plot_loss_curves(result: SweepResult, window: int = 10, path=None) -> Figure:
-    """Training loss ÷ L₀ against step for full FT (black, dashed) and every LoRA rank
-    (colour = rank), each a running mean over ``window`` steps of the per-step mini-batch
-    loss; the noise floor dotted."""
+#: line styles that tell neighbouring ranks apart where their colours are close
+_RANK_STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)), (0, (1, 1)))
+_RANK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def plot_loss_curves(result: SweepResult, window: int = 10, path=None, late_window: int = 50,
+                     late_from: float = 0.25) -> Figure:
+    """Left: training loss ÷ L₀ against step for full FT (black, dashed) and every LoRA rank
+    (colour, line style and marker = rank), each a running mean over ``window`` steps of the
+    per-step mini-batch loss; the noise floor dotted. Right: the end of the same runs, from
+    ``late_from`` of the steps on, ÷ noise² on a linear axis (running mean over
+    ``late_window`` steps), for full FT and the ranks r ≥ k — where the left panel's log axis
+    draws them as one line: the more parameters, the further the training loss falls below the
+    noise floor (fitted noise)."""
     res = check_sweep("result", result)
-    L0, ranks = res.initial_val_loss, res.ranks
+    L0, ranks, k, nf = res.initial_val_loss, res.ranks, res.task.true_rank, res.task.noise_floor
     colors = _rank_colors(ranks)
-    with teaching_figure(figsize=(11, 6.2), path=path) as (fig, (ax,)):
+    style = {r: dict(color=colors[r], ls=_RANK_STYLES[i % len(_RANK_STYLES)],
+                     marker=_RANK_MARKERS[i % len(_RANK_MARKERS)], ms=7)
+             for i, r in enumerate(ranks)}
+    with teaching_figure(1, 2, figsize=(18, 6.4), path=path,
+                         gridspec_kw=dict(width_ratios=(1.25, 1))) as (fig, (ax, ax2)):
         for r in ranks:
             h = res.lora[r].loss_history
-            ax.plot(np.arange(1, len(h) + 1), _smooth(h, window) / L0, color=colors[r], label=f"LoRA r={r}")
+            every = max(len(h) // 12, 1)
+            ax.plot(np.arange(1, len(h) + 1), _smooth(h, window) / L0, label=f"LoRA r={r}",
+                    markevery=(every * (ranks.index(r) + 1) // (len(ranks) + 1), every), **style[r])
         h = res.full.loss_history
         ax.plot(np.arange(1, len(h) + 1), _smooth(h, window) / L0, label="full fine-tuning", **FULL_FT)
-        ax.axhline(res.task.noise_floor / L0, color="gray", ls=":", lw=2, label="noise floor")
+        ax.axhline(nf / L0, color="gray", ls=":", lw=2, label="noise floor")
         ax.set_yscale("log")
         ax.set(xlabel="training step", ylabel="training loss ÷ L₀",
-               title=f"Loss curves (true rank k = {res.task.true_rank}; running mean of {window} steps)")
+               title=f"Loss curves (true rank k = {k}; running mean of {window} steps)")
         ax.legend(loc="center right", ncol=2)        # ranks below k plateau above it, the rest below
+        n_steps = len(res.full.loss_history)
+        start = int(late_from * n_steps)
+        for r in [r for r in ranks if r >= k]:
+            h = np.asarray(res.lora[r].loss_history)
+            y = _smooth(h, late_window)[start:] / nf
+            x = np.arange(start + 1, len(h) + 1)
+            every = max(len(x) // 8, 1)
+            ax2.plot(x, y, label=f"LoRA r={r}", markevery=(every * ranks.index(r) // len(ranks), every),
+                     **style[r])
+        y = _smooth(res.full.loss_history, late_window)[start:] / nf
+        ax2.plot(np.arange(start + 1, n_steps + 1), y, label="full fine-tuning", **FULL_FT)
+        ax2.axhline(1.0, color="gray", ls=":", lw=2, label="noise floor")
+        ax2.set(xlabel="training step", ylabel="training loss ÷ noise²",
+                title=f"The end, r ≥ {k} (running mean of {late_window} steps)")
+        ax2.legend(loc="upper right", ncol=2)
     return fig
 
 
@@ -257,7 +337,7 @@ def save_figures(result: SweepResult, out_dir="figures", prefix: str = "") -> di
     res = check_sweep("result", result)
     out = pathlib.Path(out_dir)
     paths = {key: out / (prefix + fname) for key, fname in FIGURE_NAMES.items()}
-    plot_loss_vs_rank(res, path=paths["loss_vs_rank"])
+    plot_loss_vs_rank(res, path=paths["loss_vs_rank"], noise_panel=True)
     plot_loss_curves(res, path=paths["loss_curves"])
     plot_delta_spectra(res, path=paths["delta_spectra"])
     r_small = 8 if 8 in res.lora else res.ranks[len(res.ranks) // 2]
