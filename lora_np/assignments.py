@@ -23,7 +23,12 @@ runs it on ``source/`` instead (notebooks/assignments/README.md).
 
 This command is the only way the student versions are made. ``--check`` writes nothing and
 exits 1 if a committed student version differs from a fresh build (the test suite runs it).
-Exit status 2 for an unknown option.
+
+``python -m lora_np.assignments grade <student's notebook>`` grades without nbgrader, the way
+``nbgrader autograde`` does: the check cells are restored from ``source/`` with their hidden
+tests, the notebook runs in a fresh kernel, and each check cell that runs without an error
+earns its points; the written answers are listed for reading by hand. Exit status 2 for an
+unknown option.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import argparse
 import copy
 import pathlib
 import sys
+from typing import NamedTuple
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ASSIGNMENTS = ROOT / "notebooks" / "assignments"
@@ -41,8 +47,8 @@ BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")      # nbgrader's defaults
 TEXT_STUB = "YOUR ANSWER HERE"
 
-__all__ = ["build_notebook", "solution_regions", "source_notebooks", "release_path", "build", "main",
-           "CODE_STUB", "TEXT_STUB"]
+__all__ = ["build_notebook", "solution_regions", "source_notebooks", "release_path", "build", "grade",
+           "format_grades", "CellGrade", "main", "CODE_STUB", "TEXT_STUB"]
 
 
 def _regions(lines, begin, end, where):
@@ -146,6 +152,84 @@ def build(root: pathlib.Path = ASSIGNMENTS, check: bool = False, out=sys.stdout)
     return changed
 
 
+class CellGrade(NamedTuple):
+    cell_id: str
+    kind: str              # "auto" (a check cell) or "written" (a derivation, read by hand)
+    points: float
+    earned: float | None   # None for a written answer
+    error: str = ""        # the check cell's error (ename: evalue), "" when it passed
+
+
+def _is_test_cell(cell) -> bool:
+    m = cell.metadata.get("nbgrader", {})
+    return bool(m.get("grade")) and not m.get("solution")
+
+
+def _with_hidden_tests(cell_source: str) -> str:
+    lines = [ln for ln in cell_source.split("\n") if ln.strip() not in (BEGIN_HIDDEN, END_HIDDEN)]
+    return "\n".join(lines)
+
+
+def grade(path, source=None, hidden=True, timeout=120) -> list[CellGrade]:
+    """Grade a student's filled-in notebook without nbgrader, as ``nbgrader autograde`` does.
+
+    Every autograded check cell is first restored from the reference notebook ``source``
+    (default: ``source/<name>/<name>.ipynb`` for a notebook called ``<name>.ipynb``), with its
+    hidden tests when ``hidden`` — so an edited or deleted check counts as the original —, then
+    the notebook runs top to bottom in a fresh kernel in its own folder, going on after an error.
+    A check cell earns its points when it runs without an error. Written answers are listed
+    with their points, to be read by hand. The student's file is not changed.
+    """
+    import nbclient
+    import nbformat
+    path = pathlib.Path(path).resolve()
+    source = pathlib.Path(source) if source is not None else ASSIGNMENTS / "source" / path.stem / path.name
+    if not source.exists():
+        raise FileNotFoundError(f"no reference notebook {source} for {path.name}; pass source=")
+    ref = nbformat.read(source, as_version=4)
+    nb = nbformat.read(path, as_version=4)
+    tests = {c.id: c for c in ref.cells if _is_test_cell(c)}
+    have = {c.get("id") for c in nb.cells}
+    missing = sorted(set(tests) - have)
+    if missing:
+        raise ValueError(f"{path.name} lacks the check cells {missing} of {source.name}; grade a notebook "
+                         "made from the release version")
+    for cell in nb.cells:
+        if cell.get("id") in tests:
+            ref_src = tests[cell.id].source
+            cell.source = _with_hidden_tests(ref_src) if hidden else build_notebook(
+                nbformat.v4.new_notebook(cells=[copy.deepcopy(tests[cell.id])])).cells[0].source
+    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+                                     resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
+    out = []
+    for cell in nb.cells:
+        m = cell.metadata.get("nbgrader", {})
+        if not m.get("grade"):
+            continue
+        pts = float(m.get("points") or 0)
+        if m.get("solution"):
+            out.append(CellGrade(cell.id, "written", pts, None))
+            continue
+        errs = [o for o in cell.get("outputs", []) if o.output_type == "error"]
+        err = f"{errs[0].ename}: {errs[0].evalue}"[:200] if errs else ""
+        out.append(CellGrade(cell.id, "auto", pts, 0.0 if errs else pts, err))
+    return out
+
+
+def format_grades(name: str, grades: list[CellGrade]) -> str:
+    auto = [g for g in grades if g.kind == "auto"]
+    written = [g for g in grades if g.kind == "written"]
+    lines = [f"{name}: autograded {sum(g.earned for g in auto):g} of {sum(g.points for g in auto):g} points; "
+             f"written answers {sum(g.points for g in written):g} points, to read by hand"]
+    for g in grades:
+        if g.kind == "auto":
+            lines.append(f"  {g.cell_id:<8} check    {g.earned:g}/{g.points:g}  {'ok' if not g.error else g.error}")
+        else:
+            lines.append(f"  {g.cell_id:<8} written  ?/{g.points:g}  (compare with the reference in source/)")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora_np.assignments",
                                 description="Build the student notebooks of notebooks/assignments/release/ "
@@ -156,7 +240,17 @@ def main(argv=None) -> int:
                                    "outputs cleared).")
     b.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 if a committed student version differs from a fresh build")
+    g = sub.add_parser("grade", help="run a student's filled-in notebook and score its check cells",
+                       description="Grade a filled-in notebook without nbgrader: restore the check cells "
+                                   "(with the hidden tests) from source/, run it in a fresh kernel, score "
+                                   "each check cell that runs without an error, list the written answers.")
+    g.add_argument("notebook", nargs="+", help="a student's <assignment>.ipynb")
+    g.add_argument("--no-hidden", action="store_true", help="run the visible checks only")
     args = p.parse_args(argv)
+    if args.command == "grade":
+        for nb in args.notebook:
+            print(format_grades(pathlib.Path(nb).name, grade(nb, hidden=not args.no_hidden)))
+        return 0
     changed = build(check=args.check)
     return 1 if (args.check and changed) else 0
 

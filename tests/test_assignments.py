@@ -201,3 +201,46 @@ def test_command_line(capsys):
         with pytest.raises(SystemExit) as e:
             AS.main(argv)
         assert e.value.code == 2
+
+
+# ------------------------------------------------------------- grading without nbgrader
+
+
+def test_grade_restores_the_checks_and_scores_each(tmp_path):
+    """A student who did the forward but not the backward, and "fixed" the backward's check
+    cell by deleting its assert, gets the forward's points only: the check cells are restored
+    from source/ (with the hidden tests) before the notebook runs."""
+    src = AS.ASSIGNMENTS / "source" / "03_lora_embedding" / "03_lora_embedding.ipynb"
+    ref = _read(src)
+    regions = AS.solution_regions(ref)
+    backward = next(k for k, (ci, _, _) in enumerate(regions) if "def lora_embedding_backward" in ref.cells[ci].source)
+    nb = AS.build_notebook(ref, only_region=backward)
+    check = next(c for c in nb.cells if "check_lora_embedding(lora_embedding_forward, lora_embedding_backward)"
+                 in c.source)
+    check.source = "pass"
+    student = tmp_path / src.name
+    nbformat.write(nb, student)
+    grades = AS.grade(student, source=src)
+    auto = [g for g in grades if g.kind == "auto"]
+    assert [(g.earned, g.points) for g in auto] == [(2.0, 2.0), (0.0, 4.0)], grades
+    assert auto[1].error.startswith("NotImplementedError")
+    assert {g.kind for g in grades} == {"auto", "written"}
+    text = AS.format_grades(student.name, grades)
+    assert "autograded 2 of 6 points" in text and "written answers 6 points" in text
+    assert _read(student).cells[nb.cells.index(check)].source == "pass"       # the student's file is unchanged
+    with pytest.raises(FileNotFoundError):
+        AS.grade(tmp_path / "unknown.ipynb")
+
+
+def test_readme_table_matches_the_points_in_the_notebooks():
+    import re
+    text = (AS.ASSIGNMENTS / "README.md").read_text(encoding="utf-8")
+    rows = {m[0]: (float(m[1]), float(m[2]), float(m[3]))
+            for m in re.findall(r"^\| `(\w+)` \|[^|]*\| (\d+) \((\d+) \+ (\d+)\) \|", text, re.M)}
+    assert sorted(rows) == IDS
+    for src in SOURCES:
+        nb = _read(src)
+        pts = [(c.metadata["nbgrader"].get("points") or 0, c.cell_type) for c in nb.cells]
+        written = sum(p for p, t in pts if t == "markdown")
+        auto = sum(p for p, t in pts if t == "code")
+        assert rows[src.parent.name] == (written + auto, written, auto), src.name
