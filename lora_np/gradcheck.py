@@ -18,10 +18,11 @@ Relative error (one number per array, on the whole array)::
 Per-array rather than per-element: an entry whose true gradient is ~0 has a finite-difference
 value of ~1e-10 from round-off, and a per-element ratio would call that a 100% error.
 
-The ladder (float64, one layer, h = 1e-6):
+The ladder (float64, one layer, h = 1e-6; the thresholds are for rel_error, the symmetric error —
+an error relative to a known exact value, |n − a|/|a|, is about twice it):
 
-    > 1e-2           the gradient is wrong
-    1e-2 .. 1e-4     suspicious; kinks (relu at 0) or a bug
+    > 1e-2           the gradient is wrong, or a kink (relu at 0) in a check on very few rows
+    1e-2 .. 1e-4     suspicious: a bug, or a kink in a check on more rows
     1e-4 .. 1e-7     fine for deep stacks of layers, suspicious for one layer
     <= 1e-7          good — the default threshold of ``check_gradients``
 
