@@ -224,7 +224,8 @@ def format_grades(name: str, grades: list[CellGrade]) -> str:
              f"written answers {sum(g.points for g in written):g} points, to read by hand"]
     for g in grades:
         if g.kind == "auto":
-            lines.append(f"  {g.cell_id:<8} check    {g.earned:g}/{g.points:g}  {'ok' if not g.error else g.error}")
+            status = g.error or "ok"
+            lines.append(f"  {g.cell_id:<8} check    {g.earned:g}/{g.points:g}  {status}")
         else:
             lines.append(f"  {g.cell_id:<8} written  ?/{g.points:g}  (compare with the reference in source/)")
     return "\n".join(lines)

@@ -12,10 +12,15 @@ without a leading batch dimension — and returns a ``GradeResult``: ``.passed``
 (the table) and ``.hints`` (list of str). Shown in a notebook (or printed) it prints the table and
 the hints, in the spirit of makemore's backprop exercise::
 
-    check                          exact  close  max difference
-    y (forward)                    yes    yes    0
-    dx                             no     yes    1.3e-10
-    dA                             no     NO     2.1e+00    x (6, 5), r=2, s=2.5
+    check                              exact  close  max difference  result
+    y (forward)                        no     yes    8.9e-16         ok
+    dx                                 no     NO     1.7e+01         FAIL  (x (6, 5), r=2, s=2.5)
+    dA                                 yes    yes    2.6e-09         ok
+    ...
+    hints:
+      - dx is G W only: dX is missing the LoRA path s (G B) A. ...
+
+(the note after FAIL names the first case that failed).
 
 How each column is computed:
 
@@ -32,9 +37,12 @@ Besides the gradients it checks that a float32 input gives float32 outputs, that
 changed in place, and that no (d_out, d_in)-sized array is formed (LoRA's point: ``B @ A`` is
 never built). That last check is a memory measurement, said honestly: on a large layer
 (d_in = d_out = 384, N = 4, r = 2) the peak of the memory NumPy allocates during the call
-(``tracemalloc``) is compared with the bytes of one (d_out, d_in) matrix; the correct low-rank
-code stays far below it. It cannot tell *which* dense array was formed (``B @ A``, the full
-gradient ``Gᵀ X``, a copy of ``W``), so the hint names all three.
+(``tracemalloc``) is compared with the bytes of one (d_out, d_in) matrix, and flagged from half
+of it (``DENSE_FRACTION``); the reference code peaks at about a tenth of it (the attention
+block's backward) or less. These three
+rows count toward ``.passed`` like the gradients: a dense solution is correct but not LoRA.
+The measurement cannot tell *which* dense array was formed (``B @ A``, the full gradient
+``Gᵀ X``, a copy of ``W``), so the hint names all three.
 
 The hints come from planted-mistake candidates: the grader computes what common wrong formulas
 give (s missing or applied twice, transposed, swapped slots, dX without the LoRA path, the
@@ -106,7 +114,8 @@ class GradeResult:
         lines = [f"{self.title}: {len(self.cases)} cases at random non-zero B, s ≠ 1, float64"]
         lines += [f"  case {i + 1}: {c}" for i, c in enumerate(self.cases)]
         lines.append("close: relative error against finite differences ≤ "
-                     f"{DEFAULT_THRESHOLD:.0e} in every case (what counts); exact: bit for bit lora_np's formula")
+                     f"{DEFAULT_THRESHOLD:.0e} in every case (what counts); "
+                     "exact: bit for bit lora_np's formula")
         lines.append("")
         w = max(32, max(len(r.name) for r in self.rows) + 2)
         lines.append(f"{'check':<{w}}{'exact':<7}{'close':<7}{'max difference':<16}result")
@@ -213,7 +222,7 @@ class _Case(NamedTuple):
 class _Spec(NamedTuple):
     title: str
     grad_names: tuple          # backward's outputs in order
-    wrt: dict                  # gradient name -> path of the array it differentiates, ("x",) / ("params", "Aq")
+    wrt: dict                  # gradient -> path of the array it differentiates: ("x",), ("params", "Aq")
     ref_forward: Callable
     ref_backward: Callable
     cases: Callable            # rng -> list of _Case
@@ -350,8 +359,9 @@ def _grade(spec: _Spec, forward, backward, seed) -> GradeResult:
                         for n in _changed(before, given)]
             if gerr is None and not (isinstance(gout, tuple) and len(gout) == len(spec.grad_names)):
                 n = len(gout) if isinstance(gout, (tuple, list)) else None
-                gerr = TypeError(f"backward returned {type(gout).__name__}{f' of length {n}' if n is not None else ''};"
-                                 f" expected the tuple ({', '.join(spec.grad_names)})")
+                length = f" of length {n}" if n is not None else ""
+                gerr = TypeError(f"backward returned {type(gout).__name__}{length}; "
+                                 f"expected the tuple ({', '.join(spec.grad_names)})")
             if gerr is not None:
                 if case.zero_B:
                     zero_close.update(dict.fromkeys(spec.grad_names, False))
@@ -400,7 +410,8 @@ def _grade(spec: _Spec, forward, backward, seed) -> GradeResult:
                 fail(s, case, "")
                 wrong[s] = a
         if wrong and not case.zero_B:
-            cands = _generic_candidates(refs, spec.grad_names, args) + spec.candidates(case, dy, ref_y, ref_grads)
+            cands = (_generic_candidates(refs, spec.grad_names, args)
+                     + spec.candidates(case, dy, ref_y, ref_grads))
             for s, a in wrong.items():
                 for slot, cand, key in cands:
                     if slot == s and _matches(a, cand):
@@ -425,7 +436,8 @@ def _grade(spec: _Spec, forward, backward, seed) -> GradeResult:
         hint("dtype", "A float32 input must give float32 outputs (dtype in = dtype out), but "
                       + "; ".join(dtype_bad) + ". A float64 array promoted it: `np.zeros(shape)` without "
                       "`dtype=x.dtype`, `.astype(float)`, or a `np.float64` scalar times a float32 array.")
-    rows.append(GradeRow("inputs unchanged", None, None, None, not inplace, "; ".join(dict.fromkeys(inplace))))
+    rows.append(GradeRow("inputs unchanged", None, None, None, not inplace,
+                         "; ".join(dict.fromkeys(inplace))))
     if inplace:
         hint("inplace", "An input was modified in place: " + "; ".join(dict.fromkeys(inplace))
              + ". The caller's arrays must stay as they were (a `+=`, `*=` or `[...] =` on an argument, "
@@ -449,8 +461,8 @@ def _generic_candidates(refs, grad_names, args):
     out = []
     for g in grad_names:
         r = refs[g]
-        out += [(g, r / s, "s-missing"), (g, r * s, "s-twice"), (g, r.T if r.ndim == 2 else None, "transposed"),
-                (g, np.zeros_like(r), "zeros")]
+        out += [(g, r / s, "s-missing"), (g, r * s, "s-twice"),
+                (g, r.T if r.ndim == 2 else None, "transposed"), (g, np.zeros_like(r), "zeros")]
         for o in grad_names:
             if o != g:
                 out.append((g, refs[o], f"swapped:{o}"))
@@ -531,10 +543,10 @@ def _memory_check(spec, forward, backward, case, entries):
             f"{dense / 2**20:.2f} MB")
     if not where:
         return GradeRow(name, None, None, None, True, note), None
-    text = (f"Your {' and '.join(where)} allocated {max(peak_f, peak_b) / 2**20:.2f} MB on a large layer, the "
-            f"size of a {spec.dense_name} matrix ({dense / 2**20:.2f} MB; measured with tracemalloc): you "
-            "formed a dense matrix — B @ A, the full gradient Gᵀ X (then projected), or a copy of W. The "
-            "numbers can be right, but it costs O(N·d_in·d_out) time and d_in·d_out memory, which is what "
+    text = (f"Your {' and '.join(where)} allocated {max(peak_f, peak_b) / 2**20:.2f} MB on a large layer, "
+            f"the size of a {spec.dense_name} matrix ({dense / 2**20:.2f} MB; measured with tracemalloc): "
+            "you formed a dense matrix — B @ A, the full gradient Gᵀ X (then projected), or a copy of W. "
+            "The numbers can be right, but it costs O(N·d_in·d_out) time and d_in·d_out memory, which is what "
             "LoRA avoids. Keep every product on the rank-r side: H = X Aᵀ, then (s H) Bᵀ; "
             "dA = s (G B)ᵀ X, never Bᵀ (Gᵀ X).")
     return GradeRow(name, None, None, None, False, note), text
@@ -585,7 +597,8 @@ def _linear_candidates(case, dy, ref_y, g):
     lora = ref_y - frozen
     dx_frozen = F.linear_forward(dy, W.T)[0]                # G W
     dx_lora = g["dx"] - dx_frozen
-    out = [("y", frozen, "y-no-lora"), ("y", frozen + lora / s, "y-s-missing"), ("y", frozen + lora * s, "y-s-twice"),
+    out = [("y", frozen, "y-no-lora"), ("y", frozen + lora / s, "y-s-missing"),
+           ("y", frozen + lora * s, "y-s-twice"),
            ("dx", dx_frozen, "dx-no-lora"), ("dx", dx_frozen + dx_lora / s, "dx-s-missing"),
            ("dx", dx_frozen + dx_lora * s, "dx-s-twice"), ("dx", dx_lora, "dx-no-frozen")]
     if b is not None:
@@ -623,7 +636,8 @@ def check_lora_linear(forward, backward=None, seed=0) -> GradeResult:
     """
     spec = _Spec("check_lora_linear", ("dx", "dA", "dB"), {"dx": ("x",), "dA": ("A",), "dB": ("B",)},
                  F.lora_linear_forward, lambda dy, c: F.lora_linear_backward(dy, c),
-                 _linear_cases, _linear_big, _linear_candidates, _LINEAR_HINTS, _SHAPES_LINEAR, "(d_out, d_in)")
+                 _linear_cases, _linear_big, _linear_candidates, _LINEAR_HINTS, _SHAPES_LINEAR,
+                 "(d_out, d_in)")
     return _grade(spec, forward, backward, seed)
 
 
@@ -639,9 +653,11 @@ def _attention_args(rng, lead, T, d, r, s, causal, zero_B=False):
 
 
 def _attention_cases(rng):
-    cs = [(_attention_args(rng, (), 5, 6, 2, 2.5, False), 2), (_attention_args(rng, (2,), 4, 6, 3, 0.4, True), 3),
+    cs = [(_attention_args(rng, (), 5, 6, 2, 2.5, False), 2),
+          (_attention_args(rng, (2,), 4, 6, 3, 0.4, True), 3),
           (_attention_args(rng, (2, 2), 3, 4, 2, 1.7, False), 2)]
-    out = [_Case(f"x {a['x'].shape}, r={r}, s={a['scale']}{', causal' if a['causal'] else ''}", a) for a, r in cs]
+    out = [_Case(f"x {a['x'].shape}, r={r}, s={a['scale']}{', causal' if a['causal'] else ''}", a)
+           for a, r in cs]
     return out + [_Case("B = 0", _attention_args(rng, (), 5, 6, 2, 2.5, False, zero_B=True), zero_B=True)]
 
 
@@ -691,8 +707,8 @@ _ATTENTION_HINTS = {
                   "frozen projections and the branches.",
     "softmax-rowsum": "{g} matches a softmax backward without its row-sum term (dS = P ⊙ dP). The softmax "
                       "Jacobian is diag(p) − p pᵀ, so dS = P ⊙ (dP − Σ_u dP_u P_u), row by row.",
-    "no-sqrt-d": "{g} matches a backward that forgot the 1/√d of the scores: S = q kᵀ / √d, so dq = dS k / √d "
-                 "and dk = dSᵀ q / √d.",
+    "no-sqrt-d": "{g} matches a backward that forgot the 1/√d of the scores: S = q kᵀ / √d, so "
+                 "dq = dS k / √d and dk = dSᵀ q / √d.",
     "dv-no-transpose": "{g} matches dv = P dO: O = P v, so dv = Pᵀ dO (every key's value collects the "
                        "gradient of the queries that read it).",
 }
@@ -730,7 +746,8 @@ def _embedding_args(rng, shape, V, d, r, s, zero_B=False):
 def _embedding_cases(rng):
     cs = [(_embedding_args(rng, (8,), 7, 4, 2, 2.5), 2), (_embedding_args(rng, (2, 5), 6, 3, 3, 0.4), 3),
           (_embedding_args(rng, (3, 4), 5, 5, 2, 1.7), 2)]
-    out = [_Case(f"idx {a['idx'].shape} (repeats), V={a['W'].shape[0]}, r={r}, s={a['scale']}", a) for a, r in cs]
+    out = [_Case(f"idx {a['idx'].shape} (repeats), V={a['W'].shape[0]}, r={r}, s={a['scale']}", a)
+           for a, r in cs]
     return out + [_Case("B = 0", _embedding_args(rng, (8,), 7, 4, 2, 2.5, zero_B=True), zero_B=True)]
 
 
@@ -773,5 +790,6 @@ def check_lora_embedding(forward, backward=None, seed=0) -> GradeResult:
     spec = _Spec("check_lora_embedding", ("dA", "dB"), {"dA": ("A",), "dB": ("B",)},
                  F.lora_embedding_forward, lambda dy, c: F.lora_embedding_backward(dy, c),
                  _embedding_cases, _embedding_big, _embedding_candidates, _EMBEDDING_HINTS,
-                 "Shapes: idx (...) ints, W (V, d), A (r, V), B (d, r); H = A[:, idx]ᵀ is (..., r).", "(V, d)")
+                 "Shapes: idx (...) ints, W (V, d), A (r, V), B (d, r); H = A[:, idx]ᵀ is (..., r).",
+                 "(V, d)")
     return _grade(spec, forward, backward, seed)

@@ -61,7 +61,8 @@ def test_there_are_at_least_three_assignments_in_nbgraders_layout():
     for src in SOURCES:
         assert src.stem == src.parent.name, f"{src}: nbgrader wants source/<assignment>/<assignment>.ipynb"
         assert AS.release_path(src).exists(), f"no student version of {src.parent.name}"
-    released = sorted(p.relative_to(AS.ASSIGNMENTS / "release") for p in (AS.ASSIGNMENTS / "release").glob("*/*.ipynb"))
+    release = AS.ASSIGNMENTS / "release"
+    released = sorted(p.relative_to(release) for p in release.glob("*/*.ipynb"))
     assert released == sorted(p.relative_to(AS.ASSIGNMENTS / "source") for p in SOURCES), \
         "a student version without a reference notebook"
 
@@ -101,7 +102,8 @@ def test_cells_carry_nbgrader_metadata(src):
         m = c.metadata["nbgrader"]
         assert m["solution"] == (ci in with_solution), f"cell {c.id}: solution flag vs markers"
         if AS.BEGIN_HIDDEN in c.source:
-            assert m["grade"] and m["points"] > 0 and m["locked"], f"cell {c.id}: hidden tests in a non-grade cell"
+            assert m["grade"] and m["points"] > 0 and m["locked"], \
+                f"cell {c.id}: hidden tests in a non-grade cell"
     assert sum(c.metadata["nbgrader"].get("points") or 0 for c in nb.cells) > 0
 
 
@@ -143,7 +145,8 @@ def test_each_todo_raises_on_its_own(src, monkeypatch):
 
 
 def _nb(*sources, kind="code"):
-    cells = [(nbformat.v4.new_code_cell if kind == "code" else nbformat.v4.new_markdown_cell)(s) for s in sources]
+    new = nbformat.v4.new_code_cell if kind == "code" else nbformat.v4.new_markdown_cell
+    cells = [new(s) for s in sources]
     return nbformat.v4.new_notebook(cells=cells)
 
 
@@ -154,7 +157,8 @@ def test_build_notebook_stubs_keep_indentation_and_drop_hidden_tests():
     nb.cells[0].outputs = [nbformat.v4.new_output("stream", text="x")]
     nb.cells[0].execution_count = 3
     out = AS.build_notebook(nb)
-    assert out.cells[0].source == "def f(x):\n    y = 1\n    # YOUR CODE HERE\n    raise NotImplementedError()"
+    assert out.cells[0].source == ("def f(x):\n    y = 1\n"
+                                   "    # YOUR CODE HERE\n    raise NotImplementedError()")
     assert out.cells[1].source == "assert f(1) == 2"
     assert out.cells[0].outputs == [] and out.cells[0].execution_count is None
     assert nb.cells[0].execution_count == 3 and "return x + y" in nb.cells[0].source   # input unchanged
@@ -213,10 +217,11 @@ def test_grade_restores_the_checks_and_scores_each(tmp_path):
     src = AS.ASSIGNMENTS / "source" / "03_lora_embedding" / "03_lora_embedding.ipynb"
     ref = _read(src)
     regions = AS.solution_regions(ref)
-    backward = next(k for k, (ci, _, _) in enumerate(regions) if "def lora_embedding_backward" in ref.cells[ci].source)
+    backward = next(k for k, (ci, _, _) in enumerate(regions)
+                    if "def lora_embedding_backward" in ref.cells[ci].source)
     nb = AS.build_notebook(ref, only_region=backward)
-    check = next(c for c in nb.cells if "check_lora_embedding(lora_embedding_forward, lora_embedding_backward)"
-                 in c.source)
+    call = "check_lora_embedding(lora_embedding_forward, lora_embedding_backward)"
+    check = next(c for c in nb.cells if call in c.source)
     check.source = "pass"
     student = tmp_path / src.name
     nbformat.write(nb, student)
@@ -227,7 +232,7 @@ def test_grade_restores_the_checks_and_scores_each(tmp_path):
     assert {g.kind for g in grades} == {"auto", "written"}
     text = AS.format_grades(student.name, grades)
     assert "autograded 2 of 6 points" in text and "written answers 6 points" in text
-    assert _read(student).cells[nb.cells.index(check)].source == "pass"       # the student's file is unchanged
+    assert _read(student).cells[nb.cells.index(check)].source == "pass"   # the student's file is unchanged
     with pytest.raises(FileNotFoundError):
         AS.grade(tmp_path / "unknown.ipynb")
 

@@ -345,3 +345,22 @@ def test_embedding_forward_mistakes():
         return W[idx] + F.lora_delta_weight(A, B, scale).T[idx], None
     r = G.check_lora_embedding(dense)
     assert r.row("y (forward)").passed and not r.row("never forms a (V, d) array").passed
+
+
+@pytest.mark.parametrize("spec_big,fwd,bwd", [
+    (G._linear_big, F.lora_linear_forward, F.lora_linear_backward),
+    (G._attention_big, G.lora_attention_forward, G.lora_attention_backward),
+    (G._embedding_big, F.lora_embedding_forward, F.lora_embedding_backward),
+], ids=["linear", "attention", "embedding"])
+def test_memory_check_has_a_wide_margin(spec_big, fwd, bwd):
+    """The reference code peaks well below the flag (half of one dense matrix); B @ A reaches a whole one."""
+    case, entries = spec_big(np.random.default_rng(0))
+    (out, err), peak_f = G._peak_bytes(fwd, *case.args.values())
+    assert err is None
+    (_, err), peak_b = G._peak_bytes(bwd, np.ones_like(out[0]), out[1])
+    assert err is None
+    assert max(peak_f, peak_b) < 0.15 * entries * 8 < G.DENSE_FRACTION * entries * 8
+    p = case.args.get("params", case.args)
+    A, B = p.get("Aq", p.get("A")), p.get("Bq", p.get("B"))
+    (_, err), peak_dense = G._peak_bytes(lambda: B @ A)
+    assert err is None and peak_dense >= entries * 8
