@@ -66,6 +66,7 @@ from .validate import check_bool, check_int, check_number
 __all__ = ["NF4", "NF4_OFFSET", "nf4_code_values", "NF4Tensor", "quantize_nf4", "dequantize_nf4",
            "pack_nibbles", "unpack_nibbles", "nearest_code", "quantize_constants", "dequantize_constants",
            "nf4_bits_per_parameter", "QuantizedLinear", "QLoRALinear", "quantize_model", "dequantize_merge",
+           "requantize_merge", "absmax_constants",
            "model_bytes", "merge_error", "LoftQ", "loftq_factors", "relative_error",
            "RealModel", "REAL_MODELS", "QLoRAMemory", "qlora_memory", "GB"]
 
@@ -106,6 +107,11 @@ NF4 = nf4_code_values().astype(np.float32)
 NF4.setflags(write=False)
 #: the decision boundaries between neighbouring codes (nearest-code rounding)
 _MIDPOINTS = ((NF4[:-1].astype(np.float64) + NF4[1:]) / 2.0)
+
+
+#: byte -> the two NF4 values it packs (high nibble first), for dequantisation: (256, 2)
+_PAIRS = {dt: np.stack([NF4[np.arange(256) >> 4], NF4[np.arange(256) & 15]], axis=1).astype(dt)
+          for dt in (np.float32, np.float64)}
 
 
 def nearest_code(x) -> np.ndarray:
@@ -305,7 +311,8 @@ def dequantize_nf4(q: NF4Tensor, dtype=None) -> np.ndarray:
     out_dtype = np.dtype(q.dtype if dtype is None else dtype)
     work = np.float64 if out_dtype == np.float64 else np.float32
     n = q.size
-    values = NF4.astype(work)[unpack_nibbles(q.codes, n)]          # (n,) in [−1, 1]
+    # one lookup per byte: _PAIRS[byte] = (NF4[byte >> 4], NF4[byte & 15]), the two values it holds
+    values = np.take(_PAIRS[work], q.codes, axis=0).reshape(-1)[:n]   # (n,) in [−1, 1]
     c = absmax_constants(q).astype(work)
     n_full = (n // q.block_size) * q.block_size
     out = np.empty(n, dtype=work)
@@ -621,6 +628,18 @@ def dequantize_merge(model: Module) -> Module:
     modules = dict(model.named_modules())
     new = {p: (m.merged_linear() if isinstance(m, QLoRALinear) else m.to_linear())
            for p, m in modules.items() if p and isinstance(m, (QLoRALinear, QuantizedLinear))}
+    for p, layer in new.items():
+        _replace(model, p, layer)
+    return model
+
+
+def requantize_merge(model: Module) -> Module:
+    """The merge pitfall for a whole model, in place and on purpose: every ``QLoRALinear``
+    becomes its ``requantized_merge()`` (``quant(deq(W) + s B A)``, a 4-bit ``QuantizedLinear``).
+    The model is 4-bit again, but it no longer computes what was trained: each merged weight
+    carries a fresh quantisation error (``merge_error``). Returns ``model``."""
+    modules = dict(model.named_modules())
+    new = {p: m.requantized_merge() for p, m in modules.items() if isinstance(m, QLoRALinear)}
     for p, layer in new.items():
         _replace(model, p, layer)
     return model

@@ -310,6 +310,11 @@ def test_merge_refuses_and_the_explicit_recipes_work():
     merged = Q.dequantize_merge(copy.deepcopy(model))
     assert type(merged.fc1) is Linear and type(merged.fc2) is Linear
     np.testing.assert_allclose(merged(x), y, rtol=1e-12, atol=1e-12)
+    requant = Q.requantize_merge(copy.deepcopy(model))
+    assert type(requant.fc1) is Q.QuantizedLinear and type(requant.fc2) is Q.QuantizedLinear
+    assert lora_np.lora_layers(requant) == {}
+    gap = np.abs(requant(x) - y).max()
+    assert 0 < gap < 0.5 * np.abs(y).max()                         # 4-bit again: close, not equal
 
 
 def test_qlora_refuses_pissa_and_a_float_base():
