@@ -31,7 +31,7 @@ def plot_round_trips(curves: dict, path=None) -> Figure:
     with teaching_figure(1, 2, figsize=(15, 5.8), path=path,
                          title="Merge, unmerge, repeat: what rounding does to $W$") as (fig, (ax1, ax2)):
         n_max = 1
-        ulps_drawn = set()
+        ulps_drawn, ulp_labels = set(), []
         for i, (label, rt) in enumerate(curves.items()):
             n = np.arange(1, len(rt.errors) + 1)
             n_max = max(n_max, n[-1])
@@ -41,14 +41,16 @@ def plot_round_trips(curves: dict, path=None) -> Figure:
             if round(rt.ulp, 30) not in ulps_drawn:
                 ulps_drawn.add(round(rt.ulp, 30))
                 ax1.axhline(rt.ulp, color=f"C{i // 2}", ls=":", lw=1.8)
-                ax1.text(1.05, rt.ulp * 1.25, r"one ulp per entry, $\|\mathrm{spacing}(W_0)\|_F$",
-                         color=f"C{i // 2}", fontsize=11)
+                ulp_labels.append((rt.ulp, f"C{i // 2}"))
         guide = np.arange(1, n_max + 1)
         top = max(rt.errors[-1] / rt.ulp for rt in curves.values())     # the guide ends on the highest curve
         ax2.plot(guide, top * np.sqrt(guide / guide[-1]), color="gray", ls=":", lw=2.5,
                  label=r"$\propto\sqrt{n}$")
+        for ulp, color in ulp_labels:            # at the right end, below the line: clear of the curves
+            ax1.text(n_max, ulp / 1.4, r"one ulp per entry, $\|\mathrm{spacing}(W_0)\|_F$", color=color,
+                     fontsize=11, ha="right", va="top")
         ax2.axhline(1.0, color="black", ls=":", lw=1.5)
-        ax2.text(1.05, 1.12, "one ulp per entry", fontsize=11)
+        ax2.text(n_max, 0.9, "one ulp per entry", fontsize=11, ha="right", va="top")
         for ax in (ax1, ax2):
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -88,8 +90,8 @@ def plot_training_memory(rows: dict, path=None, unit: float = 1e9, unit_name: st
             ax.text(total + left.max() * 0.01, yi, f"{total:,.0f} {unit_name}", va="center", fontsize=13)
         for i, (label, value) in enumerate((marks or {}).items()):
             ax.axvline(value / unit, color="gray", ls="--", lw=1.8)
-            ax.text(value / unit, y.max() + 0.45 + 0.3 * (i % 2), label, color="dimgray", fontsize=11,
-                    ha="center", va="bottom")
+            ax.text(value / unit + 0.01 * left.max(), y.max() + 0.45 + 0.3 * (i % 2), label, color="dimgray",
+                    fontsize=11, ha="left", va="bottom")
         ax.set_yticks(y, labels)
         ax.set_ylim(y.min() - 0.5, y.max() + 1.2 if marks else y.max() + 0.5)
         ax.set_xlim(0, left.max() * 1.18)
