@@ -566,7 +566,7 @@ def _lora_args(rng, lead, d_in, d_out, r, s, zero_B=False, bias=True):
 
 
 def _label(args, r):
-    return f"x {args['x'].shape}, r={r}, s={args['scale']}"
+    return f"x {args['x'].shape}, r={r}, s={args['scale']}{', b=None' if args['b'] is None else ''}"
 
 
 _ZERO_B = ("{g} is right at B = 0 but wrong at a random B. At B = 0 — LoRA's initialisation — "
@@ -582,7 +582,7 @@ def _linear_cases(rng):
     return [_Case(_label(a, r), a) for a, r in (
         (_lora_args(rng, (6,), 5, 4, 2, 2.5), 2),
         (_lora_args(rng, (2, 3), 5, 4, 3, 0.4), 3),
-        (_lora_args(rng, (2, 4), 4, 4, 2, 1.7), 2),       # square: A and B swapped still runs
+        (_lora_args(rng, (2, 4), 4, 4, 2, 1.7, bias=False), 2),   # square: A and B swapped still runs
     )] + [_Case("B = 0", _lora_args(rng, (6,), 5, 4, 2, 2.5, zero_B=True), zero_B=True)]
 
 
@@ -630,9 +630,9 @@ def check_lora_linear(forward, backward=None, seed=0) -> GradeResult:
     ``backward(dy, cache) -> (dx, dA, dB)``, the signatures of ``functional.lora_linear_forward``
     / ``lora_linear_backward`` (without dropout). ``backward=None`` grades the forward alone.
 
-    Cases: x (6, 5), (2, 3, 5) and a square (2, 4, 4) layer, r ∈ {2, 3}, s ∈ {2.5, 0.4, 1.7},
-    random non-zero B, float64; one more at B = 0 (reported, not graded). Returns a
-    ``GradeResult``. Raises TypeError if ``forward`` or ``backward`` is not callable.
+    Cases: x (6, 5), (2, 3, 5) and a square (2, 4, 4) layer without bias (b=None), r ∈ {2, 3},
+    s ∈ {2.5, 0.4, 1.7}, random non-zero B, float64; one more at B = 0 (reported, not graded).
+    Returns a ``GradeResult``. Raises TypeError if ``forward`` or ``backward`` is not callable.
     """
     spec = _Spec("check_lora_linear", ("dx", "dA", "dB"), {"dx": ("x",), "dA": ("A",), "dB": ("B",)},
                  F.lora_linear_forward, lambda dy, c: F.lora_linear_backward(dy, c),

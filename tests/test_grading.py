@@ -364,3 +364,11 @@ def test_memory_check_has_a_wide_margin(spec_big, fwd, bwd):
     A, B = p.get("Aq", p.get("A")), p.get("Bq", p.get("B"))
     (_, err), peak_dense = G._peak_bytes(lambda: B @ A)
     assert err is None and peak_dense >= entries * 8
+
+
+def test_forward_that_cannot_take_b_none():
+    def fwd(x, W, b, A, B, scale):
+        return x @ W.T + b + (scale * (x @ A.T)) @ B.T, None
+    r = G.check_lora_linear(fwd)
+    assert not r.row("y (forward)").passed
+    assert "forward raised TypeError" in _hints(r) and "b=None" in _hints(r)
