@@ -10,7 +10,7 @@ from lora_np.plots import plot_intruder_dimensions, plot_when_lora_is_not_enough
 
 from _plots_helpers import PNG_MAGIC, assert_readable, line
 
-EY = r" $\sum_{i>r}\sigma_i^2 / \sum_i \sigma_i^2$"           # the Eckart–Young label's formula
+EY = r" $\Sigma_{i>r}\,\sigma_i^2\ /\ \Sigma_i\,\sigma_i^2$"           # the Eckart–Young label's formula
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def plot_when_lora_is_not_enough(low, high, checkpoints=None, path=None) -> Figu
             tail = tail_energy(res.task.singular_values, relative=True)     # [r], r = 0..k; 0 from k on
             name = f"$\\Delta W^\\ast$ of rank {k}"
             ax1.plot(r_line, tail[np.minimum(r_line, tail.size - 1)], "-", color=color, lw=1.5,
-                     alpha=0.8, label=f"{name}: Eckart–Young " + r"$\sum_{i>r}\sigma_i^2 / \sum_i \sigma_i^2$")
+                     alpha=0.8, label=f"{name}: Eckart–Young " + r"$\Sigma_{i>r}\,\sigma_i^2\ /\ \Sigma_i\,\sigma_i^2$")
             ax1.plot(res.ranks, [res.lora[r].final_val_loss / L0 for r in res.ranks], "o", color=color,
                      ms=11, label=f"{name}: LoRA")
             ax1.axhline(res.full.final_val_loss / L0, color=color, ls="--", lw=2.2,
@@ -156,7 +156,7 @@ def plot_when_lora_is_not_enough(low, high, checkpoints=None, path=None) -> Figu
                          fontsize=13, ha="right" if full else "left")
         ax2.set_xscale("log")
         ax2.set_ylim(-0.03, 1.08)
-        ax2.set(xlabel="task A loss after fine-tuning (forgetting, MSE)",
+        ax2.set(xlabel="task A loss (forgetting, MSE; log scale)",
                 ylabel="task B loss ÷ $L_0$ (lower = learned more)",
                 title=f"Rank-{high.task.true_rank} task: learning vs forgetting")
         if curves:
