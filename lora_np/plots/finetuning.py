@@ -33,7 +33,8 @@ def plot_rank_floor(ranks, lora_loss, predicted_ranks, predicted, k, oracle_loss
     oracle_loss : optional (m,) loss of the model given the truncated SVD [ΔW*]_r directly
         (squares)
     oracle_range : optional (m, 2) min and max loss over other best rank-r approximations of
-        ΔW* (when σ_r = σ_{r+1} the truncation is not unique); drawn as a vertical bar per rank
+        ΔW* (when σ_r = σ_{r+1} the truncation is not unique); drawn as a capped vertical bar
+        just left of each rank, and the squares of ``oracle_loss`` then just right of it
     full_loss, noise_floor : optional horizontal lines
     """
     a = check_same_length(ranks=ranks, lora_loss=lora_loss)
@@ -48,12 +49,15 @@ def plot_rank_floor(ranks, lora_loss, predicted_ranks, predicted, k, oracle_loss
     with teaching_figure(figsize=(11, 6.2), path=path) as (fig, (ax,)):
         ax.plot(p["predicted_ranks"], p["predicted"], "-", color="C0", lw=2.5,
                 label=r"isotropic model: $\sum_{i>r}\sigma_i^2 \,/\, \sum_i\sigma_i^2$ of ΔW*")
-        if oracle_range is not None:
-            ax.vlines(a["ranks"], oracle_range[:, 0], oracle_range[:, 1], color="C2", lw=6, alpha=0.45,
+        if oracle_range is not None:           # a bar with caps, just left of each rank
+            x = a["ranks"] - 0.14
+            ax.vlines(x, oracle_range[:, 0], oracle_range[:, 1], color="C2", lw=3,
                       label="other best rank-r approximations of ΔW* (min–max)")
+            for col in (0, 1):
+                ax.plot(x, oracle_range[:, col], "_", color="C2", ms=16, mew=3)
         if oracle_loss is not None:
-            ax.plot(a["ranks"], oracle_loss, "s", color="C2", ms=13, mfc="none", mew=2.5,
-                    label="pretrained W + truncated SVD of ΔW*")
+            ax.plot(a["ranks"] + (0.14 if oracle_range is not None else 0.0), oracle_loss, "s", color="C2",
+                    ms=11, mfc="none", mew=2.5, label="pretrained W + truncated SVD of ΔW*")
         ax.plot(a["ranks"], a["lora_loss"], "o", color="C1", ms=10, label="LoRA rank r, trained")
         if full_loss is not None:
             ax.axhline(full_loss, label="full fine-tuning", **FULL_FT)
