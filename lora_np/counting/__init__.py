@@ -5,8 +5,11 @@
   ``q_proj`` … ``fc2``) and the paper's printed numbers next to the formula
   (``paper_comparison``);
 * ``memory``    — bytes of checkpoints and of the training state (parameters, gradients,
-  optimizer moments), as formulas and measured off a live model (``measured_*``);
-* ``step_cost`` — the FLOP model and byte model of one training step of the blocks that
+  optimizer moments), as formulas and measured off a live model (``measured_*``); the whole of
+  training memory by term and precision recipe (``training_memory``), and activations
+  (Korthikanti et al. 2022's parts and formula, ``measured_activation_bytes``);
+* ``step_cost`` — inference FLOPs of a linear and an unmerged LoRA layer; the FLOP model and byte
+  model of one training step of the blocks that
   ``python -m lora_np.bench`` times (``mlp_step_flops``, ``attention_step_flops``,
   ``state_bytes_model``).
 
@@ -23,6 +26,8 @@ Sources for the numbers
 * Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2), Table 2.
 * Touvron et al. 2023, "Llama 2", arXiv:2307.09288 (7B: d_model 4096, 32 layers, 32 heads,
   SwiGLU MLP of width 11008, vocabulary 32000).
+* Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+  arXiv:2205.05198, §4.1 (activation bytes per layer).
 """
 
 from .memory import *          # noqa: F401,F403
