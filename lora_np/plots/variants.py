@@ -181,7 +181,7 @@ def plot_weight_decomposition(points, slopes, path=None) -> Figure:
     points : task title -> method -> list (one per seed) of ``(dM, dD)`` arrays (from
     ``variants.weight_decomposition``);  slopes : task title -> method -> the slope to print.
     One panel per task; the first seed's points are dots, the other seeds' smaller dots, and
-    the least-squares line through the first seed's points is drawn."""
+    the least-squares line through the first seed's points is drawn; ``slopes`` label the legend."""
     with teaching_figure(1, len(points), figsize=(15, 6.2), path=path, constrained=True,
                          title="Magnitude vs direction change along training (DoRA paper §2.2)") as (fig, axes):
         for ax, (task, methods) in zip(axes, points.items()):
@@ -191,7 +191,7 @@ def plot_weight_decomposition(points, slopes, path=None) -> Figure:
                 for j, (dM, dD) in enumerate(runs):
                     ax.scatter(dM, dD, s=36 if j == 0 else 12, color=color, alpha=0.9 if j == 0 else 0.35,
                                marker=_MARKERS[i % len(_MARKERS)],
-                               label=f"{name}: slope {slopes[task][name]:+.2f}" if j == 0 else None)
+                               label=f"{name}: slope {slopes[task][name]:+.2f} (seed 0)" if j == 0 else None)
                 dM, dD = runs[0]
                 fit = np.polyfit(dM, dD, 1)
                 xs = np.linspace(dM.min(), dM.max(), 20)
