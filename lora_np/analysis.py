@@ -91,7 +91,7 @@ def singular_values(M) -> np.ndarray:
 
     Returns
     -------
-    s : ndarray, shape (min(d_out, d_in),), same float dtype as M
+    sv : ndarray, shape (min(d_out, d_in),), same float dtype as M
     """
     M = _as_matrix(M, "M")
     return np.linalg.svd(M, compute_uv=False)
@@ -118,9 +118,9 @@ def tail_energy(M_or_singular_values, relative: bool = False) -> np.ndarray:
         ``tail[r]`` for r = 0, 1, …, p; ``tail[0] = ‖M‖²_F`` (or 1), ``tail[p] = 0``.
         ``np.sqrt(tail)`` is the Frobenius error ‖M − M_r‖_F itself.
     """
-    s = _spectrum(M_or_singular_values, "M_or_singular_values").astype(np.float64)
+    sv = _spectrum(M_or_singular_values, "M_or_singular_values").astype(np.float64)
     # tail[r] = Σ_{i>r} σ_i², summed from the smallest σ up so that small tails keep their digits
-    tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])
+    tail = np.concatenate([np.cumsum((sv**2)[::-1])[::-1], [0.0]])
     if relative:
         if tail[0] == 0.0:
             raise ValueError("tail_energy(relative=True) is undefined for the zero matrix (all σ = 0)")
@@ -153,8 +153,8 @@ def energy_rank(M_or_singular_values, energy: float = 0.9) -> int:
         raise TypeError(f"energy must be a float in (0, 1], got {type(energy).__name__}")
     if not 0.0 < energy <= 1.0:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
-    s = _spectrum(M_or_singular_values, "M_or_singular_values").astype(np.float64)
-    cumulative = np.cumsum(s**2)
+    sv = _spectrum(M_or_singular_values, "M_or_singular_values").astype(np.float64)
+    cumulative = np.cumsum(sv**2)
     if cumulative[-1] == 0.0:
         return 0
     # dividing by cumulative[-1] (not a separate sum) makes the last fraction exactly 1.0
@@ -181,11 +181,11 @@ def effective_rank(M_or_singular_values) -> float:
     -------
     float
     """
-    s = _spectrum(M_or_singular_values, "M_or_singular_values").astype(np.float64)
-    total = s.sum()
+    sv = _spectrum(M_or_singular_values, "M_or_singular_values").astype(np.float64)
+    total = sv.sum()
     if total == 0.0:
         raise ValueError("effective_rank is undefined for the zero matrix (all σ = 0)")
-    p = s[s > 0] / total
+    p = sv[sv > 0] / total
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
