@@ -64,7 +64,7 @@ __all__ = ["PRETRAINED_PATH", "DEFAULT_RANKS", "LORA_TARGETS", "PLACEMENTS", "Te
            "QUICK_SETTINGS", "MethodSpec", "TextData", "TextRun", "TextResult", "method_specs",
            "lora_grid", "run_text_experiment", "format_text_table", "format_energy_ranks", "check_text_claims",
            "format_samples", "results_markdown", "Claim", "format_claims", "random_like",
-           "austen_on_full_curve"]
+           "austen_on_full_curve", "load_data", "new_model", "finetune"]
 
 #: the committed pretrained model (``python -m lora_np.pretrain`` writes it)
 PRETRAINED_PATH = DATA_DIR / "austen_lm.npz"
@@ -234,7 +234,10 @@ def _even_rows(xy, n: int) -> tuple:
     return np.ascontiguousarray(x[rows]), np.ascontiguousarray(y[rows])
 
 
-def _load_data(tokenizer, context: int, settings: TextSettings) -> TextData:
+def load_data(tokenizer, context: int, settings: TextSettings) -> TextData:
+    """The experiment's windows of ``context`` characters: every KJV training window (stride 1),
+    ``settings.val_windows`` KJV validation windows and ``settings.test_windows`` KJV and Austen
+    test windows, evenly spaced (stride ``context``, no overlap with each other)."""
     kjv, austen = load_splits("kjv", tokenizer), load_splits("austen", tokenizer)
     return TextData(train=windows(kjv.train, context, 1),
                  val=_even_rows(windows(kjv.val, context, context), settings.val_windows),
@@ -284,17 +287,19 @@ class _CheckpointingAdam(Adam):
             self.seconds += time.perf_counter() - t0
 
 
-def _new_model(base, spec: MethodSpec, seed: int):
+def new_model(base, spec: MethodSpec, seed: int):
+    """A copy of ``base`` ready to train by ``spec``: everything trainable (full FT), or LoRA of
+    rank ``spec.rank`` (α = 2r) on ``spec.targets`` with A drawn from ``init_rng(seed, rank)``."""
     model = copy.deepcopy(base)
     if spec.kind == "lora":
         add_lora(model, spec.targets, r=spec.rank, alpha=2.0 * spec.rank, rng=init_rng(seed, spec.rank))
     return model
 
 
-def _finetune(base, data: TextData, settings: TextSettings, spec: MethodSpec, lr: float, seed: int,
+def finetune(base, data: TextData, settings: TextSettings, spec: MethodSpec, lr: float, seed: int,
               verbose: bool) -> Run:
     """Fine-tune a copy of ``base`` by ``spec`` at ``lr`` with ``seed``; the fair.Run of it."""
-    model = _new_model(base, spec, seed)
+    model = new_model(base, spec, seed)
     curve = spec.kind == "full" and seed == spec.seeds[0]
     every = max(1, settings.steps // settings.curve_points)
     opt = _CheckpointingAdam(model, lr, every, data) if curve else Adam(model, lr)
@@ -363,7 +368,7 @@ class TextResult:
     def model(self, name: str):
         """``name``'s model after fine-tuning (first seed, chosen lr), rebuilt from the base."""
         spec, run = self.specs[name], self.details(name)
-        model = _new_model(self.base, spec, self.fair.selection_seed)
+        model = new_model(self.base, spec, self.fair.selection_seed)
         params = model.parameters()
         for n, a in run.trained.items():
             params[n][...] = a
@@ -470,13 +475,13 @@ def run_text_experiment(settings: TextSettings = TextSettings(), verbose: bool =
     too_big = [r for r in s.ranks if r > config["d_model"]]
     if too_big:
         raise ValueError(f"ranks {too_big} are larger than d_model = {config['d_model']}")
-    data = _load_data(tokenizer, config["context"], s)
+    data = load_data(tokenizer, config["context"], s)
     pretrained = dict(_held_out(base, data), kjv_val=lm_loss(base, *data.val))
     specs = method_specs(s)
     quiet_runs = s.workers > 1 or not verbose
 
     def method(spec):
-        return lambda lr, seed: _finetune(base, data, s, spec, lr, seed, verbose=not quiet_runs)
+        return lambda lr, seed: finetune(base, data, s, spec, lr, seed, verbose=not quiet_runs)
     result = compare({n: method(sp) for n, sp in specs.items()}, {n: sp.lrs for n, sp in specs.items()},
                      {n: sp.seeds for n, sp in specs.items()}, workers=s.workers, verbose=verbose)
     out = TextResult(s, specs, result, pretrained, meta, config, base, tokenizer, data)
