@@ -18,6 +18,9 @@ a reader meets them:
   leak of ΔW into the old task's inputs, the fixed-budget bars of Hu et al. Table 5;
 * ``delta_w``     — notebook 06: intruder dimensions, a full-rank change where LoRA is not enough;
 * ``variants``    — notebook 07 (``lora_np.variants``): rsLoRA, LoRA+, PiSSA, DoRA;
+* ``quant``       — notebook 09 (``lora_np.quant``): the NF4 codes, bits vs error, the quantisation
+  error's spectrum, LoftQ, QLoRA vs LoRA on the character model;
+* ``deploy``      — notebook 10 (``lora_np.deploy``): merge/unmerge round trips, training memory by term;
 * ``bench``       — the benchmark (``python -m lora_np.bench``);
 * ``text``        — the real-text experiment (``python -m lora_np --task text``): loss vs rank,
   the learning–forgetting plane, ΔW spectra against a random matrix, subspace similarity.
@@ -27,11 +30,13 @@ The library below (analysis, experiments, counting, variants, …) never imports
 """
 
 from .bench import plot_bench
+from .deploy import plot_round_trips, plot_training_memory
 from .delta_w import plot_intruder_dimensions, plot_when_lora_is_not_enough
 from .finetuning import plot_budget_bars, plot_forgetting_vs_leak, plot_rank_floor
 from .foundations import (plot_eckart_young, plot_fd_error_vs_h, plot_gradcheck_errors, plot_heatmaps,
                           plot_images, plot_param_count_comparison, plot_scale_vs_rank,
                           plot_softmax_jacobian, plot_spectra)
+from .quant import plot_bits_vs_error, plot_error_spectrum, plot_loftq, plot_nf4_codes, plot_qlora_vs_lora
 from .style import TEACHING_STYLE
 from .sweep import (FIGURE_NAMES, plot_delta_spectra, plot_loss_curves, plot_loss_vs_rank,
                     plot_param_counts, plot_subspace_similarity, save_figures)
@@ -54,6 +59,10 @@ __all__ = ["TEACHING_STYLE", "FIGURE_NAMES", "LOSS_FLOOR", "save_figures",
            "plot_intruder_dimensions", "plot_when_lora_is_not_enough",
            # notebook 07
            "plot_first_update_size", "plot_rank_scaling", "plot_loraplus", "plot_pissa", "plot_dora",
+           # notebook 09
+           "plot_nf4_codes", "plot_bits_vs_error", "plot_error_spectrum", "plot_loftq", "plot_qlora_vs_lora",
+           # notebook 10
+           "plot_round_trips", "plot_training_memory",
            # benchmark
            "plot_bench",
            # the real-text experiment
