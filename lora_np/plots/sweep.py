@@ -211,16 +211,16 @@ def plot_delta_spectra(result: SweepResult, layer: str | None = None, ranks=None
     k = res.task.true_rank
     colors = _rank_colors(res.ranks)
     with teaching_figure(figsize=(11, 6.2), path=path) as (fig, (ax,)):
-        for r in ranks:
-            s = singular_values(res.lora[r].delta_weights[name])[:r]
-            ax.plot(np.arange(1, s.size + 1), s, "o-", ms=5, lw=1.6, color=colors[r], label=f"LoRA r={r}")
-        s = singular_values(res.full.delta_weights[name])
-        ax.plot(np.arange(1, s.size + 1), s, marker="s", ms=6, label="full fine-tuning", **FULL_FT)
-        s_true = singular_values(res.task.delta_true[name])[:k]
-        ax.plot(np.arange(1, k + 1), s_true, "*", color="C3", ms=20, label=f"true ΔW* (rank {k})", zorder=5)
+        for r in ranks:                   # sigma: singular values (s is LoRA's scale, lora_np/README.md)
+            sigma = singular_values(res.lora[r].delta_weights[name])[:r]
+            ax.plot(np.arange(1, sigma.size + 1), sigma, "o-", ms=5, lw=1.6, color=colors[r], label=f"LoRA r={r}")
+        sigma = singular_values(res.full.delta_weights[name])
+        ax.plot(np.arange(1, sigma.size + 1), sigma, marker="s", ms=6, label="full fine-tuning", **FULL_FT)
+        sigma_true = singular_values(res.task.delta_true[name])[:k]
+        ax.plot(np.arange(1, k + 1), sigma_true, "*", color="C3", ms=20, label=f"true ΔW* (rank {k})", zorder=5)
         ax.axvline(k + 0.5, color="C3", ls=":", lw=2)
         ax.set_yscale("log")
-        log2_ticks(ax, [2 ** e for e in range(int(np.log2(s.size)) + 1)])
+        log2_ticks(ax, [2 ** e for e in range(int(np.log2(sigma.size)) + 1)])
         ax.set(xlabel="index i (log scale)", ylabel="singular value σᵢ of ΔW",
                title=f"Spectrum of the learned update ΔW of {name}")
         ax.legend(loc="lower left", ncol=2)
