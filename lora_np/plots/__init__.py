@@ -15,7 +15,7 @@ a reader meets them:
 * ``foundations`` — notebooks 01–03: images, Eckart–Young, counts, heat maps, spectra,
   finite-difference and gradient-check errors;
 * ``finetuning``  — notebooks 04–05: the Eckart–Young floor vs trained LoRA, forgetting vs the
-  leak of ΔW into the old task's inputs, the fixed-budget bars of Hu et al. Table 5;
+  leak of ΔW into the old task's inputs, the fixed-budget dot plot of Hu et al. Table 5;
 * ``delta_w``     — notebook 06: intruder dimensions, a full-rank change where LoRA is not enough;
 * ``variants``    — notebook 07 (``lora_np.variants``): rsLoRA, LoRA+, PiSSA, DoRA;
 * ``quant``       — notebook 09 (``lora_np.quant``): the NF4 codes, bits vs error, the quantisation
