@@ -128,7 +128,7 @@ class SweepResult:
 
 
 #: attention's symmetries: per head h the scores see W_q and W_k only through
-#: M_h = W_{q,h}ᵀ W_{k,h}, the output sees W_v and W_o only through N_h = W_{o,h} W_{v,h}
+#: M^qk_h = W_{q,h}ᵀ W_{k,h}, the output sees W_v and W_o only through M^ov_h = W_{o,h} W_{v,h}
 SYMMETRY_PARTNER = {"q_proj": "k_proj", "k_proj": "q_proj", "v_proj": "o_proj", "o_proj": "v_proj"}
 
 
@@ -141,7 +141,7 @@ def _applied_weight(layer) -> np.ndarray:
 
 
 def _head_product(model, name, h) -> np.ndarray:
-    """M_h = W_{q,h}ᵀ W_{k,h} (for q_proj, k_proj) or N_h = W_{o,h} W_{v,h} (for v_proj,
+    """M^qk_h = W_{q,h}ᵀ W_{k,h} (for q_proj, k_proj) or M^ov_h = W_{o,h} W_{v,h} (for v_proj,
     o_proj), (d_model, d_model); ``h`` is the slice of head h's rows (columns of W_o)."""
     W = {n: _applied_weight(getattr(model, n)) for n in (name, SYMMETRY_PARTNER[name])}
     if name in ("q_proj", "k_proj"):
@@ -158,13 +158,13 @@ def _one_sided_delta(pretrained, model, name) -> np.ndarray:
     for start in range(0, d, d // H):
         h = slice(start, start + d // H)
         dP = _head_product(model, name, h) - _head_product(pretrained, name, h)      # (d, d)
-        if name == "q_proj":                  # ΔM_h = ΔW_{q,h}ᵀ W⁰_{k,h}
+        if name == "q_proj":                  # ΔM^qk_h = ΔW_{q,h}ᵀ W⁰_{k,h}
             out[h] = np.linalg.pinv(partner[h].T) @ dP.T
-        elif name == "k_proj":                # ΔM_h = W⁰_{q,h}ᵀ ΔW_{k,h}
+        elif name == "k_proj":                # ΔM^qk_h = W⁰_{q,h}ᵀ ΔW_{k,h}
             out[h] = np.linalg.pinv(partner[h].T) @ dP
-        elif name == "v_proj":                # ΔN_h = W⁰_{o,h} ΔW_{v,h}
+        elif name == "v_proj":                # ΔM^ov_h = W⁰_{o,h} ΔW_{v,h}
             out[h] = np.linalg.pinv(partner[:, h]) @ dP
-        else:                                 # ΔN_h = ΔW_{o,h} W⁰_{v,h}
+        else:                                 # ΔM^ov_h = ΔW_{o,h} W⁰_{v,h}
             out[:, h] = dP @ np.linalg.pinv(partner[h])
     return out
 
@@ -176,20 +176,20 @@ def equivalent_delta(task: Task, model, delta: dict) -> dict:
 
     ``delta`` maps each of ``task.delta_true``'s keys to the raw change ``W − W₀`` (d_out, d_in).
     An MLP has no continuous symmetry, so its entries are returned as they are. In attention,
-    for every invertible G (d_h, d_h),
+    for every invertible C (d_h, d_h),
 
-        (W_{q,h}, W_{k,h}) → (G W_{q,h}, G⁻ᵀ W_{k,h}),   (W_{v,h}, W_{o,h}) → (G W_{v,h}, W_{o,h} G⁻¹)
+        (W_{q,h}, W_{k,h}) → (C W_{q,h}, C⁻ᵀ W_{k,h}),   (W_{v,h}, W_{o,h}) → (C W_{v,h}, W_{o,h} C⁻¹)
 
     leave the layer's output unchanged, so full fine-tuning, which also moves W_k and W_o, ends
     at a raw ΔW_q that is ΔW*_q plus a drift along these directions — of any rank. Only the
-    per-head products M_h = W_{q,h}ᵀ W_{k,h} and N_h = W_{o,h} W_{v,h} are fixed by the
+    per-head products M^qk_h = W_{q,h}ᵀ W_{k,h} and M^ov_h = W_{o,h} W_{v,h} are fixed by the
     function, so each product's change is written as a change of the shifted matrix with its
     partner at its pretrained weight, in the least-squares sense (``⁺`` = pseudo-inverse):
 
-        ΔW_{q,h} = (W⁰_{k,h}ᵀ)⁺ ΔM_hᵀ      ΔW_{k,h} = (W⁰_{q,h}ᵀ)⁺ ΔM_h        (d_h, d)
-        ΔW_{v,h} = (W⁰_{o,h})⁺ ΔN_h         ΔW_{o,h} = ΔN_h (W⁰_{v,h})⁺         ((d_h, d), (d, d_h))
+        ΔW_{q,h} = (W⁰_{k,h}ᵀ)⁺ (ΔM^qk_h)ᵀ   ΔW_{k,h} = (W⁰_{q,h}ᵀ)⁺ ΔM^qk_h     (d_h, d)
+        ΔW_{v,h} = (W⁰_{o,h})⁺ ΔM^ov_h      ΔW_{o,h} = ΔM^ov_h (W⁰_{v,h})⁺      ((d_h, d), (d, d_h))
 
-    This keeps the part of ΔM_h that W_q alone can make (the columns in W⁰_{k,h}'s row space),
+    This keeps the part of ΔM^qk_h that W_q alone can make (the columns in W⁰_{k,h}'s row space),
     and likewise for the others. It is invariant under the symmetries; it is ΔW* exactly for
     teacher B, however its weights are parametrised, and the layer's own ΔW when only that layer
     changed (LoRA on q and v). A layer whose partner is shifted too keeps its raw ΔW: how a

@@ -29,7 +29,7 @@ def test_rank_floor_figure(tmp_path):
     np.testing.assert_array_equal(line(ax, "LoRA rank r, trained").get_ydata(), [0.76, 0.51, 0.001, 0.001])
     np.testing.assert_array_equal(line(ax, "pretrained W + truncated SVD of ΔW*").get_ydata(),
                                   [0.75, 0.5, 0.001, 0.001])
-    np.testing.assert_array_equal(line(ax, "true rank k = 4").get_xdata(), [4, 4])
+    np.testing.assert_array_equal(line(ax, "true rank r* = 4").get_xdata(), [4, 4])
     assert "full fine-tuning" in labels and "noise floor" in labels
     assert ax.get_ylabel() == "(L − noise²) ÷ (L₀ − noise²)"
     (bars,) = [c for c in ax.collections if c.get_label().startswith("other best rank-r")]

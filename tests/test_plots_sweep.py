@@ -41,7 +41,7 @@ def test_loss_vs_rank_draws_the_results(result):
     np.testing.assert_allclose(line(ax_val, "LoRA").get_ydata(),
                                [result.lora[r].final_val_loss / L0 for r in result.ranks])
     assert line(ax_val, "full fine-tuning").get_ydata()[0] == pytest.approx(result.full.final_val_loss / L0)
-    assert list(line(ax_val, "true rank k = 4").get_xdata()) == [4, 4]
+    assert list(line(ax_val, "true rank r* = 4").get_xdata()) == [4, 4]
     np.testing.assert_allclose(line(ax_old, "LoRA").get_ydata(),
                                [result.lora[r].old_task_loss for r in result.ranks])
 
@@ -112,7 +112,7 @@ def test_subspace_similarity_heatmap_and_baseline(result):
     ax_heat, ax_curve = fig.axes[0], fig.axes[1]
     grid = ax_heat.get_images()[0].get_array()
     assert grid.shape == (4, 4) and np.all((0 <= grid) & (grid <= 1 + 1e-12))
-    np.testing.assert_allclose(line(ax_curve, "random subspaces: i / d_in (d_in = 64)").get_ydata(),
+    np.testing.assert_allclose(line(ax_curve, r"random subspaces: $i/d_{\mathrm{in}}$ ($d_{\mathrm{in}}$ = 64)").get_ydata(),
                                np.arange(1, 5) / 64)
     # the curves against ΔW* stop at the true rank k = 4; the A-vs-A curve runs to min(r_small, r_large)
     assert len(line(ax_curve, "full-FT ΔW vs true ΔW*").get_ydata()) == 4

@@ -42,8 +42,8 @@ from .sweep import (FIGURE_NAMES, plot_delta_spectra, plot_loss_curves, plot_los
                     plot_param_counts, plot_subspace_similarity, save_figures)
 from .text import (TEXT_FIGURE_NAMES, plot_learning_forgetting, plot_text_delta_spectra, plot_text_loss_vs_rank,
                    plot_text_subspace_similarity, save_text_figures)
-from .variants import (LOSS_FLOOR, plot_dora, plot_first_update_size, plot_loraplus, plot_pissa,
-                       plot_rank_scaling)
+from .variants import (LOSS_FLOOR, plot_dora, plot_dora_detached, plot_first_update_size, plot_loraplus,
+                       plot_pissa, plot_rank_scaling, plot_weight_decomposition)
 
 __all__ = ["TEACHING_STYLE", "FIGURE_NAMES", "LOSS_FLOOR", "save_figures",
            # rank sweep
@@ -59,6 +59,7 @@ __all__ = ["TEACHING_STYLE", "FIGURE_NAMES", "LOSS_FLOOR", "save_figures",
            "plot_intruder_dimensions", "plot_when_lora_is_not_enough",
            # notebook 07
            "plot_first_update_size", "plot_rank_scaling", "plot_loraplus", "plot_pissa", "plot_dora",
+           "plot_dora_detached", "plot_weight_decomposition",
            # notebook 09
            "plot_nf4_codes", "plot_bits_vs_error", "plot_error_spectrum", "plot_loftq", "plot_qlora_vs_lora",
            # notebook 10

@@ -63,7 +63,7 @@ def plot_rank_floor(ranks, lora_loss, predicted_ranks, predicted, k, oracle_loss
             ax.axhline(full_loss, label="full fine-tuning", **FULL_FT)
         if noise_floor is not None:
             ax.axhline(noise_floor, color="gray", ls=":", lw=2, label="noise floor")
-        ax.axvline(k, color="C3", ls=":", lw=2, label=f"true rank k = {k}")
+        ax.axvline(k, color="C3", ls=":", lw=2, label=f"true rank r* = {k}")
         ax.set_ylim(-0.03, 1.05)
         ax.set_xticks(np.unique(np.concatenate([a["ranks"], p["predicted_ranks"]])).astype(int))
         ax.set(xlabel="LoRA rank r", ylabel=ylabel,

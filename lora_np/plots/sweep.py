@@ -39,7 +39,7 @@ def _rank_colors(ranks) -> dict:
 def _rank_axis(ax, ranks, k) -> None:
     """Rank on a log₂ axis with plain tick labels, and the true rank k as a dotted red line."""
     log2_ticks(ax, ranks)
-    ax.axvline(k, color="C3", ls=":", lw=2, label=f"true rank k = {k}")
+    ax.axvline(k, color="C3", ls=":", lw=2, label=f"true rank r* = {k}")
 
 
 def _layer(result: SweepResult, layer) -> str:
@@ -172,7 +172,7 @@ def plot_loss_curves(result: SweepResult, window: int = 10, path=None, late_wind
         ax.axhline(nf / L0, color="gray", ls=":", lw=2, label="noise floor")
         ax.set_yscale("log")
         ax.set(xlabel="training step", ylabel="training loss ÷ L₀",
-               title=f"Loss curves (true rank k = {k}; running mean of {window} steps)")
+               title=f"Loss curves (true rank r* = {k}; running mean of {window} steps)")
         ax.legend(loc="center right", ncol=2)        # ranks below k plateau above it, the rest below
         n_steps = len(res.full.loss_history)
         start = int(late_from * n_steps)
@@ -283,8 +283,8 @@ def plot_subspace_similarity(result: SweepResult, r_small: int = 8, r_large: int
             upto = n if "ΔW*" not in label else min(n, k)
             ax2.plot(i[:upto], curves[label][:upto], marker + "-", color=c, ms=8, label=label)
         ax2.plot(i, [random_subspace_baseline(int(a), int(a), d_in) for a in i], color="gray", ls="--",
-                 lw=2, label=f"random subspaces: i / d_in (d_in = {d_in})")
-        ax2.axvline(k, color="C3", ls=":", lw=2, label=f"true rank k = {k}")
+                 lw=2, label=r"random subspaces: $i/d_{\mathrm{in}}$" + f" ($d_{{\mathrm{{in}}}}$ = {d_in})")
+        ax2.axvline(k, color="C3", ls=":", lw=2, label=f"true rank r* = {k}")
         ax2.set_ylim(0, 1.05)
         ax2.set(xlabel="i = j (number of top directions compared)", ylabel="φ(i, i)",
                 title="Shared top directions vs chance")

@@ -13,7 +13,7 @@ from ..variants import SCALINGS
 from .style import COLORS, FULL_FT, teaching_figure
 
 __all__ = ["LOSS_FLOOR", "plot_first_update_size", "plot_rank_scaling", "plot_loraplus",
-           "plot_pissa", "plot_dora"]
+           "plot_pissa", "plot_dora", "plot_dora_detached", "plot_weight_decomposition"]
 
 #: losses are drawn on a log axis; anything below this is drawn at this value, and a figure
 #: that clips a curve says so in its title. Far below every loss notebook 07 reaches, so that
