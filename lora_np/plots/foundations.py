@@ -240,7 +240,7 @@ def plot_gradcheck_errors(results, threshold, path=None) -> Figure:
     results : list of (title, rows) with rows from ``lora_np.gradcheck.check_gradients``
     """
     any_zero = any(r.structural_zero for _, rows in results for r in rows)
-    with teaching_figure(figsize=(11, 0.55 * len(results) + 2.2), path=path, pad=WIDE_PAD) as (fig, (ax,)):
+    with teaching_figure(figsize=(11, 0.55 * len(results) + 2.6), path=path, constrained=True) as (fig, (ax,)):
         for y, (title, rows) in enumerate(results):
             rel = [r.rel_error for r in rows if not r.structural_zero]
             zero = [r.rel_error for r in rows if r.structural_zero]
@@ -260,6 +260,6 @@ def plot_gradcheck_errors(results, threshold, path=None) -> Figure:
         xlabel = (r"error ($a$ analytic, $n$ numerical): dots relative, crosses absolute" if any_zero
                   else r"relative error $\Vert a-n\Vert\,/\,(\Vert a\Vert+\Vert n\Vert)$ ($a$ analytic, $n$ numerical)")
         ax.set(xlabel=xlabel, title="Every gradient of every layer vs finite differences (float64)")
-        # below the axis: inside it would cover the dots of the last rows
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), fontsize=12, ncol=1)
+        # below the x label (constrained layout makes room): inside it would cover the dots of the last rows
+        fig.legend(loc="outside lower center", fontsize=12, ncol=1)
     return fig
