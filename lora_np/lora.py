@@ -169,16 +169,7 @@ class LoRALinear(_Adapter):
     _match_keys = ("r", "alpha", "rslora", "d_in", "d_out")
 
     def __init__(self, base, r, alpha, dropout=0.0, rslora=False, init="kaiming", rng=None):
-        _validate_lora_args(base, r, alpha, dropout, rslora, init)
-        super().__init__()
-        rng = make_rng(rng)
-        self.d_in, self.d_out, self.dtype = base.d_in, base.d_out, base.dtype
-        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
-        self.rslora, self.init = bool(rslora), init
-        self.scale = lora_scale(alpha, r, rslora)
-        self.merged = False
-        object.__setattr__(self, "_rng", rng)
-        object.__setattr__(self, "_merge_norm", None)   # DoRA's n at merge time (see DoRALinear)
+        rng = self._setup(base, r, alpha, dropout, rslora, init, rng)
         if init == "pissa":
             # PiSSA: the principal part moves into s·B A, the frozen W keeps the residual. The
             # residual is a NEW array: the caller's base.W is never changed.
@@ -193,6 +184,22 @@ class LoRALinear(_Adapter):
             self.add_parameter("b", base.bias, trainable=False)
         self.add_parameter("A", A)
         self.add_parameter("B", B)
+
+    def _setup(self, base, r, alpha, dropout, rslora, init, rng):
+        """Every argument checked, then the attributes every LoRA layer on a Linear-like ``base``
+        has (widths, dtype, r, alpha, dropout, rslora, init, scale, not merged); returns the rng.
+        The parameters (W, b, A, B) are the caller's: ``QLoRALinear`` keeps no float W."""
+        _validate_lora_args(base, r, alpha, dropout, rslora, init)
+        Module.__init__(self)
+        rng = make_rng(rng)
+        self.d_in, self.d_out, self.dtype = base.d_in, base.d_out, base.dtype
+        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
+        self.rslora, self.init = bool(rslora), init
+        self.scale = lora_scale(alpha, r, rslora)
+        self.merged = False
+        object.__setattr__(self, "_rng", rng)
+        object.__setattr__(self, "_merge_norm", None)   # DoRA's n at merge time (see DoRALinear)
+        return rng
 
     def _init_A(self, rng):
         if self.init == "kaiming":

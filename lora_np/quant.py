@@ -59,8 +59,8 @@ import numpy as np
 
 from . import functional as F
 from .counting.params import ModelConfig, MODEL_CONFIGS, block_targets, target_shape
-from .lora import LoRALinear, _validate_lora_args, lora_scale, pissa_factors
-from .modules import Linear, Module, make_rng
+from .lora import LoRALinear, lora_scale, pissa_factors
+from .modules import Linear, Module
 from .validate import check_bool, check_int, check_number
 
 __all__ = ["NF4", "NF4_OFFSET", "nf4_code_values", "NF4Tensor", "quantize_nf4", "dequantize_nf4",
@@ -350,7 +350,22 @@ def _no_float_W(obj):
                           "array W; dequantized_weight() returns deq(W) (a new array)")
 
 
-class QuantizedLinear(Linear):
+class _HoldsNF4:
+    """What a layer whose frozen W lives in ``self.quantized`` (an ``NF4Tensor``) shares: ``.W``
+    raises (there is no float W to read or to write into by mistake), ``dequantized_weight()``
+    forms deq(W) in the layer's dtype."""
+
+    def __getattr__(self, name):
+        if name == "W":
+            raise _no_float_W(self)
+        return super().__getattr__(name)
+
+    def dequantized_weight(self) -> np.ndarray:
+        """``deq(W)`` (d_out, d_in) of the frozen base, in the layer's dtype (a new array)."""
+        return dequantize_nf4(self.quantized, dtype=self.dtype)
+
+
+class QuantizedLinear(_HoldsNF4, Linear):
     """A frozen linear layer whose W is stored in NF4: ``Y = X deq(W)ᵀ + b``.
 
     It holds ``quantized`` (an ``NF4Tensor``: packed codes and constants) and a frozen float bias
@@ -394,14 +409,6 @@ class QuantizedLinear(Linear):
         q = quantize_nf4(linear.W, block_size=block_size, double_quant=double_quant)
         return cls(q, linear.bias, dtype=linear.dtype)
 
-    def __getattr__(self, name):
-        if name == "W":
-            raise _no_float_W(self)
-        return super().__getattr__(name)
-
-    def dequantized_weight(self) -> np.ndarray:
-        """``deq(W)`` (d_out, d_in) in the layer's dtype, a new array."""
-        return dequantize_nf4(self.quantized, dtype=self.dtype)
 
     def to_linear(self) -> Linear:
         """A plain float ``Linear`` with W = deq(W) and this bias (copies)."""
@@ -438,7 +445,7 @@ def _float_linear(W, bias, dtype) -> Linear:
     return layer
 
 
-class QLoRALinear(LoRALinear):
+class QLoRALinear(_HoldsNF4, LoRALinear):
     """LoRA on an NF4 base (QLoRA): ``Y = X deq(W)ᵀ + b + s (X̃ Aᵀ) Bᵀ``.
 
     Built by ``add_lora`` on a ``QuantizedLinear`` (or directly, ``QLoRALinear(base, r, alpha,
@@ -460,16 +467,7 @@ class QLoRALinear(LoRALinear):
         if init == "pissa":
             raise ValueError("QLoRALinear: init='pissa' needs the float W, which a QuantizedLinear "
                              "does not keep; use QLoRALinear.from_loftq(linear, r, alpha) instead")
-        _validate_lora_args(base, r, alpha, dropout, rslora, init)
-        Module.__init__(self)
-        rng = make_rng(rng)
-        self.d_in, self.d_out, self.dtype = base.d_in, base.d_out, base.dtype
-        self.r, self.alpha, self.dropout = int(r), float(alpha), float(dropout)
-        self.rslora, self.init = bool(rslora), init
-        self.scale = lora_scale(alpha, r, rslora)
-        self.merged = False
-        object.__setattr__(self, "_rng", rng)
-        object.__setattr__(self, "_merge_norm", None)
+        rng = self._setup(base, r, alpha, dropout, rslora, init, rng)
         object.__setattr__(self, "quantized", base.quantized)      # shared, not copied
         if base.bias is not None:
             self.add_parameter("b", base.bias, trainable=False)
@@ -491,15 +489,6 @@ class QLoRALinear(LoRALinear):
         layer.A[...] = result.A
         layer.B[...] = result.B
         return layer
-
-    def __getattr__(self, name):
-        if name == "W":
-            raise _no_float_W(self)
-        return super().__getattr__(name)
-
-    def dequantized_weight(self) -> np.ndarray:
-        """``deq(W)`` (d_out, d_in) of the frozen base, in the layer's dtype (a new array)."""
-        return dequantize_nf4(self.quantized, dtype=self.dtype)
 
     def _functional_forward(self, x, mask):
         y, cache = F.lora_linear_forward(x, self.dequantized_weight(), self.bias, self.A, self.B,
