@@ -283,7 +283,7 @@ def plot_subspace_similarity(result: SweepResult, r_small: int = 8, r_large: int
             upto = n if "ΔW*" not in label else min(n, k)
             ax2.plot(i[:upto], curves[label][:upto], marker + "-", color=c, ms=8, label=label)
         ax2.plot(i, [random_subspace_baseline(int(a), int(a), d_in) for a in i], color="gray", ls="--",
-                 lw=2, label=r"random subspaces: $i/d_{\mathrm{in}}$" + f" ($d_{{\mathrm{{in}}}}$ = {d_in})")
+                 lw=2, label=r"random subspaces: $i/d_{\mathrm{in}}$" + rf" ($d_{{\mathrm{{in}}}}$ = {d_in})")
         ax2.axvline(k, color="C3", ls=":", lw=2, label=f"true rank r* = {k}")
         ax2.set_ylim(0, 1.05)
         ax2.set(xlabel="i = j (number of top directions compared)", ylabel="φ(i, i)",
