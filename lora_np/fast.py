@@ -17,7 +17,10 @@ and float64). Only the memory traffic and the number of threads change.
   contiguous arrays, in parallel;
 * ``gelu_forward`` / ``gelu_backward`` — ``functional.gelu_forward`` / ``gelu_backward``
   applied slice by slice; ``activation(name)`` is what ``modules.MLP`` calls;
-* ``optim.Adam`` calls ``map_chunks`` with its own update formula.
+* ``optim.Adam`` calls ``map_chunks`` with its own update formula;
+* ``layer_norm_forward`` / ``layer_norm_backward`` — ``functional``'s layer norm with its
+  temporaries reused in place (fewer arrays allocated and passed over: 5 instead of 7 in the
+  forward, 5 instead of 9 in the backward), the same operations in the same order per element.
 
 Small arrays (below ``MIN_CHUNKED`` elements) go straight to the readable function: splitting
 them would only add Python overhead.
@@ -34,7 +37,7 @@ import numpy as np
 from . import functional as F
 
 __all__ = ["CHUNK", "THREADS", "MIN_CHUNKED", "map_chunks", "gelu_forward", "gelu_backward",
-           "activation"]
+           "activation", "layer_norm_forward", "layer_norm_backward"]
 
 #: elements per slice: 32 Ki numbers = 128 KiB in float32, so the handful of arrays a formula
 #: touches at once stay in a core's L2 cache
@@ -53,6 +56,17 @@ def _executor() -> ThreadPoolExecutor:
         _pool = ThreadPoolExecutor(max_workers=THREADS - 1, thread_name_prefix="lora_np-fast")
         atexit.register(_pool.shutdown)
     return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child (multiprocessing's workers) has the pool object but not its threads: it
+    must start its own, or its first submit would wait forever."""
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _run_range(kernel, flats, starts):
@@ -120,3 +134,37 @@ def activation(name: str):
     file has one (GELU); an entry replaced in ``functional.ACTIVATIONS`` is used as it is."""
     pair = F.ACTIVATIONS[name]
     return _FAST_FORMS.get(pair, pair)
+
+
+def layer_norm_forward(x, gamma, beta, eps=1e-5):
+    """``functional.layer_norm_forward`` with its temporaries reused: x − μ becomes x̂ in place
+    and γ ⊙ x̂ becomes y in place. The same ``(y, LayerNormCache)``, bit for bit."""
+    mu = x.mean(axis=-1, keepdims=True)
+    xhat = x - mu                                 # xc, a fresh array ...
+    sq = xhat * xhat
+    var = sq.mean(axis=-1, keepdims=True)
+    del sq
+    rstd = 1.0 / np.sqrt(var + F._as_scalar(eps, x.dtype))
+    xhat *= rstd                                  # ... x̂ = xc · rstd in its memory
+    y = xhat * gamma
+    y += beta
+    return y, F.LayerNormCache(xhat, rstd, gamma)
+
+
+def layer_norm_backward(dy, cache: F.LayerNormCache):
+    """``functional.layer_norm_backward`` in two arrays (g and one scratch) instead of nine:
+    ``dx = rstd ⊙ ((g − mean g) − x̂ ⊙ mean(g ⊙ x̂))``, the same operations in the same order,
+    so the same ``(dx, dgamma, dbeta)``, bit for bit."""
+    xhat, rstd, gamma = cache
+    g = dy * gamma
+    tmp = g * xhat
+    g_mean = g.mean(axis=-1, keepdims=True)
+    gx_mean = tmp.mean(axis=-1, keepdims=True)
+    np.multiply(dy, xhat, out=tmp)
+    dgamma = F._sum_rows(tmp)                     # Σ_rows dy ⊙ x̂
+    dbeta = F._sum_rows(dy)
+    g -= g_mean                                   # g − mean(g)            (g becomes dx)
+    np.multiply(xhat, gx_mean, out=tmp)
+    g -= tmp                                      #   − x̂ ⊙ mean(g ⊙ x̂)
+    np.multiply(rstd, g, out=g)                   # rstd ⊙ (…)
+    return g, dgamma, dbeta

@@ -699,7 +699,7 @@ def dora_linear_forward(x, W, b, A, B, m, scale, detach_norm=False, dropout_mask
     return y, DoRALinearCache(x, xd, H, Z, W, A, B, m, V, n, scale, bool(detach_norm), dropout_mask)
 
 
-def dora_linear_backward(dy, cache: DoRALinearCache, need_dW=False, need_db=False):
+def dora_linear_backward(dy, cache: DoRALinearCache, need_dW=False, need_db=False, need_dx=True):
     """Gradients of the DoRA layer, with ``G = dL/dY`` (..., d_out) and ``c = m / n``::
 
         dm_i = Σ_rows G_i Z_i / n_i                       (d_out,)  same in both variants
@@ -725,6 +725,7 @@ def dora_linear_backward(dy, cache: DoRALinearCache, need_dW=False, need_db=Fals
     ``need_db``, after ``unfreeze()``) it returns ``(dx, dA, dB, dm, dW, db)`` with
     ``dW = dL/dV = G̃ᵀ X + K`` (V = W + sBA depends on W with slope 1; no K when detached) and
     ``db = Σ_rows G`` (the bias is not rescaled), and None for the one not asked for.
+    ``need_dx=False`` returns None for dx and skips its GEMMs (nobody reads it).
     """
     x, xd, H, Z, W, A, B, m, V, n, scale, detach_norm, mask = cache
     s = _as_scalar(scale, dy.dtype)
@@ -739,11 +740,13 @@ def dora_linear_backward(dy, cache: DoRALinearCache, need_dW=False, need_db=Fals
     if K is not None:
         dB += s * (K @ A.T)                       # (d_out, d_in) @ (d_in, r) -> (d_out, r)
         dA += s * (B.T @ K)                       # (r, d_out) @ (d_out, d_in) -> (r, d_in)
-    d_branch = s * (GcB @ A)                      # (..., r) @ (r, d_in) -> (..., d_in)
-    if mask is not None:
-        d_branch *= mask.astype(dy.dtype, copy=False)
-    dx = Gc @ W                                   # (..., d_in)
-    dx += d_branch
+    dx = None
+    if need_dx:
+        d_branch = s * (GcB @ A)                  # (..., r) @ (r, d_in) -> (..., d_in)
+        if mask is not None:
+            d_branch *= mask.astype(dy.dtype, copy=False)
+        dx = Gc @ W                               # (..., d_in)
+        dx += d_branch
     if not (need_dW or need_db):
         return dx, dA, dB, dm
     dW = None

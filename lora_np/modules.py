@@ -588,13 +588,13 @@ class LayerNorm(Module):
 
     def forward(self, x):
         x = self._check_input(x, self.d)
-        y, cache = F.layer_norm_forward(x, self.gamma, self.beta, self.eps)
+        y, cache = fast.layer_norm_forward(x, self.gamma, self.beta, self.eps)   # functional's, in place
         self._store(cache, y.shape)
         return y
 
     def backward(self, dout):
         cache, dout = self._check_backward(dout)
-        dx, dgamma, dbeta = F.layer_norm_backward(dout, cache)
+        dx, dgamma, dbeta = fast.layer_norm_backward(dout, cache)
         self._accumulate("gamma", dgamma)
         self._accumulate("beta", dbeta)
         return dx

@@ -636,3 +636,49 @@ def test_lora_linear_backward_without_dx_gives_the_same_factor_gradients(need_dW
     assert got[0] is None and len(got) == len(ref)
     for a, r in zip(got[1:], ref[1:]):
         assert np.array_equal(a, r)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(5, 7), (2, 33, 96)])
+def test_fast_layer_norm_is_bit_for_bit_the_readable_layer_norm(dtype, shape):
+    rng = np.random.default_rng(8)
+    x = (2 + 3 * rng.standard_normal(shape)).astype(dtype)
+    gamma, beta = (rng.standard_normal(shape[-1]).astype(dtype) for _ in range(2))
+    dy = rng.standard_normal(shape).astype(dtype)
+    x0 = x.copy()
+    y_ref, c_ref = F.layer_norm_forward(x, gamma, beta)
+    y, c = _fast.layer_norm_forward(x, gamma, beta)
+    assert np.array_equal(x, x0)                                    # the input is not touched
+    assert y.dtype == dtype and np.array_equal(y, y_ref)
+    assert np.array_equal(c.xhat, c_ref.xhat) and np.array_equal(c.rstd, c_ref.rstd)
+    for got, ref in zip(_fast.layer_norm_backward(dy, c), F.layer_norm_backward(dy, c_ref)):
+        assert got.dtype == dtype and np.array_equal(got, ref)
+
+
+def test_dora_linear_backward_without_dx_gives_the_same_gradients():
+    rng = np.random.default_rng(9)
+    x, W, b = rng.standard_normal((7, 6)), rng.standard_normal((4, 6)), rng.standard_normal(4)
+    A, B, G = rng.standard_normal((2, 6)), rng.standard_normal((4, 2)), rng.standard_normal((7, 4))
+    m = rng.random(4) + 0.5
+    _, cache = F.dora_linear_forward(x, W, b, A, B, m, 1.3)
+    ref = F.dora_linear_backward(G, cache)
+    got = F.dora_linear_backward(G, cache, need_dx=False)
+    assert got[0] is None
+    for a, r in zip(got[1:], ref[1:]):
+        assert np.array_equal(a, r)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is Unix's")
+def test_fast_forms_work_in_a_forked_child():
+    """A child forked after the parent started the pool's threads gets a pool of its own
+    (multiprocessing's workers fork; a stale pool would wait forever)."""
+    import multiprocessing as mp
+    x = np.linspace(-3, 3, 4 * _fast.CHUNK)
+    _fast.gelu_forward(x)                                           # the parent's pool exists
+    with mp.get_context("fork").Pool(1) as pool:
+        y = pool.apply_async(_fast_gelu_in_child, (x,)).get(timeout=60)
+    assert np.array_equal(y, F.gelu_forward(x)[0])
+
+
+def _fast_gelu_in_child(x):
+    return _fast.gelu_forward(x)[0]
