@@ -89,6 +89,10 @@ def batched_mean_loss(model, x, y, loss_fn, batch_size: int) -> float:
     return total / len(x)
 
 
+def _fill_zero(a) -> None:
+    a.fill(0)
+
+
 class _Pass:
     """One top-level forward call. Every module that keeps a cache during it is tagged with
     it, so a second use of the same module within the same call is recognised as such."""
@@ -285,7 +289,10 @@ class Module:
     def zero_grad(self) -> None:
         for _, m in self.named_modules():
             for g in m._grads.values():
-                g.fill(0)
+                if g.size >= fast.MIN_CHUNKED and g.flags.c_contiguous:
+                    fast.map_chunks(_fill_zero, g)       # a large gradient: on two threads
+                else:
+                    g.fill(0)
 
     def _accumulate(self, name: str, grad) -> None:
         if grad is not None and name in self._grads:
