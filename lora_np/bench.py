@@ -333,10 +333,10 @@ def _header(info: dict, rows: int, repeats: int, malloc: str) -> str:
 
 
 #: where the three targets below are checked (width, dtype, LoRA rank), and the targets: LoRA's
-#: time ratio at most 1.1 × the FLOP model's, both steps at >= 70 % of the matmul rate, the
+#: time ratio at most 1.1 × the FLOP model's, both steps at >= 80 % of the matmul rate, the
 #: measured state ratio within 5 % of the byte model's
 TARGET_SETTING = (1024, "float32", 8)
-MAX_TIME_VS_MODEL, MIN_FRAC_MATMUL, MAX_STATE_ERROR = 1.1, 0.7, 0.05
+MAX_TIME_VS_MODEL, MIN_FRAC_MATMUL, MAX_STATE_ERROR = 1.1, 0.8, 0.05
 
 
 def target_summary(rows: list[BenchRow]) -> str:

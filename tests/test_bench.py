@@ -278,7 +278,7 @@ def test_target_summary_checks_the_three_targets():
     assert lora.time_vs_model == pytest.approx(1.0)           # 0.75 / 0.75
     text = bench.target_summary([full, lora])
     assert "t ratio/model 1.00 (≤ 1.1)" in text
-    assert "rate LoRA 80%, full 80% of matmul (both ≥ 70%)" in text
+    assert "rate LoRA 80%, full 80% of matmul (both ≥ 80%)" in text
     assert "off the byte model by 0.00% (≤ 5%)" in text
 
 
