@@ -21,6 +21,16 @@ busy the machine was) come from ``lora_np.machine``.
 
     python -m lora_np.bench            # widths 64..1024, ranks 1, 8, 64, float32 and float64
     python -m lora_np.bench --quick    # widths 128 and 1024, rank 8, float32
+    python -m lora_np.bench --vs-torch # the same steps in PyTorch too (if installed): ratios
+
+``train_step`` asks for no input gradient (``backward(dY, need_input_grad=False)``), so the
+FLOP model of a timed step leaves out ``counting.input_grad_flops``.
+
+``--vs-torch`` times models of the sizes the notebooks use (``torch_cases``: the MLP
+``d → 4d → d`` at d = 64, 256, 1024, three causal pre-LN transformer blocks, the real-text
+language model; full training and LoRA r = 8) in lora_np and in PyTorch, written as a PyTorch
+user would, in the same run, interleaved, float32, 2 threads each, and prints
+lora_np / PyTorch step-time ratios. Without PyTorch it says how to install it and exits 0.
 
 Only the default run rewrites the committed ``figures/bench_results.md`` and
 ``figures/bench_*.png``; every other run writes to ``figures/scratch/`` (or ``--out``).
