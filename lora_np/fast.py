@@ -45,8 +45,11 @@ __all__ = ["CHUNK", "THREADS", "MIN_CHUNKED", "map_chunks", "gelu_forward", "gel
 CHUNK = 1 << 17
 #: threads the slices are spread over (the calling thread is one of them)
 THREADS = max(1, min(2, os.cpu_count() or 1))
-#: arrays smaller than this many elements are not split (two slices at least)
-MIN_CHUNKED = 2 * CHUNK
+#: arrays smaller than this many elements are not split: 1 Mi numbers (4 MiB in float32). Below
+#: it the arrays sit in the cache already and, in interleaved timings of whole training steps
+#: (the d = 96 transformer's (2048, 384) GELU), the threads gained nothing; above it (the d = 1024
+#: MLP's GELU and Adam) slicing on two threads made Adam about 2× and GELU about 1.5× faster
+MIN_CHUNKED = 1 << 20
 
 _pool: ThreadPoolExecutor | None = None
 

@@ -271,9 +271,9 @@ def test_step_on_a_merged_model_raises_and_changes_nothing(rng):
 def test_adam_sliced_update_is_bit_for_bit_the_whole_array_update(dtype):
     from lora_np import fast
     rng = np.random.default_rng(7)
-    big = MLP(300, 1000, 300, rng=rng, dtype=dtype)         # fc1.W, fc2.W: 300,000 numbers each
+    big = MLP(300, 3500, 300, rng=rng, dtype=dtype)         # fc1.W, fc2.W: 1,050,000 numbers each
     assert big.fc1.W.size >= fast.MIN_CHUNKED
-    twin = MLP(300, 1000, 300, rng=np.random.default_rng(7), dtype=dtype)
+    twin = MLP(300, 3500, 300, rng=np.random.default_rng(7), dtype=dtype)
     opts = [Adam(m, lr=3e-3, weight_decay=0.1, lr_multipliers={"fc2.W": 4.0}) for m in (big, twin)]
 
     def whole_array_step(opt):                               # the readable update, no slicing
