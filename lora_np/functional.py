@@ -102,7 +102,7 @@ def linear_forward(x, W, b=None):
     return y, LinearCache(x, W, b is not None)
 
 
-def linear_backward(dy, cache: LinearCache, need_dW=True, need_db=True):
+def linear_backward(dy, cache: LinearCache, need_dW=True, need_db=True, need_dx=True):
     """Gradients of ``Y = X Wᵀ + b`` with ``G = dL/dY`` of shape (..., d_out)::
 
         dX = G W          (..., d_in)
@@ -110,11 +110,12 @@ def linear_backward(dy, cache: LinearCache, need_dW=True, need_db=True):
         db = Σ_rows G     (d_out,)        (None when there is no bias)
 
     ``need_dW=False`` (a frozen W) skips the dW GEMM and returns None for it; the cache's
-    ``x`` may then be None. ``need_db=False`` likewise returns None for db.
-    Returns ``(dx, dW, db)``.
+    ``x`` may then be None. ``need_db=False`` likewise returns None for db, and
+    ``need_dx=False`` (nobody reads the input gradient: a model's first layer) None for dx,
+    skipping its GEMM. Returns ``(dx, dW, db)``.
     """
     x, W, has_bias = cache
-    dx = _matmul_rows(dy, W)                      # (..., d_out) @ (d_out, d_in) -> (..., d_in)
+    dx = _matmul_rows(dy, W) if need_dx else None   # (..., d_out) @ (d_out, d_in) -> (..., d_in)
     dW = _weight_grad(dy, x) if need_dW else None
     db = _sum_rows(dy) if has_bias and need_db else None
     return dx, dW, db
@@ -294,7 +295,7 @@ def lora_linear_forward(x, W, b, A, B, scale, dropout_mask=None):
     return y, LoRALinearCache(x, xd, H, W, A, B, scale, dropout_mask)
 
 
-def lora_linear_backward(dy, cache: LoRALinearCache, need_dW=False, need_db=False):
+def lora_linear_backward(dy, cache: LoRALinearCache, need_dW=False, need_db=False, need_dx=True):
     """Gradients of the LoRA layer, with ``G = dL/dY`` (..., d_out) and ``H = X̃ Aᵀ``::
 
         dB = s Gᵀ H            (d_out, r)
@@ -308,6 +309,8 @@ def lora_linear_backward(dy, cache: LoRALinearCache, need_dW=False, need_db=Fals
     Returns ``(dx, dA, dB)``. When the base W, b are trainable too (``need_dW`` / ``need_db``,
     after ``unfreeze()``) it returns ``(dx, dA, dB, dW, db)`` with ``dW = Gᵀ X`` (d_out, d_in)
     and ``db = Σ_rows G`` (d_out,) — the plain linear layer's — and None for the one not asked.
+    ``need_dx=False`` (nobody reads the input gradient) returns None for dx and skips its two
+    GEMMs, ``G W`` the larger.
     """
     x, xd, H, W, A, B, scale, mask = cache
     s = _as_scalar(scale, dy.dtype)
@@ -317,11 +320,13 @@ def lora_linear_backward(dy, cache: LoRALinearCache, need_dW=False, need_db=Fals
     dB = G2.T @ H2                                # (d_out, N) @ (N, r) -> (d_out, r)
     dB *= s                                       # dB = s Gᵀ H
     dA = sGB2.T @ Xd2                             # (r, N) @ (N, d_in) -> (r, d_in) = s (G B)ᵀ X̃
-    d_branch = _matmul_rows(sGB, A)               # (..., r) @ (r, d_in) -> (..., d_in) = s (G B) A
-    if mask is not None:
-        d_branch *= mask.astype(dy.dtype, copy=False)
-    dx = _matmul_rows(dy, W)                      # (..., d_in)
-    dx += d_branch
+    dx = None
+    if need_dx:
+        d_branch = _matmul_rows(sGB, A)           # (..., r) @ (r, d_in) -> (..., d_in) = s (G B) A
+        if mask is not None:
+            d_branch *= mask.astype(dy.dtype, copy=False)
+        dx = _matmul_rows(dy, W)                  # (..., d_in)
+        dx += d_branch
     if not (need_dW or need_db):
         return dx, dA, dB
     dW = _weight_grad(dy, x) if need_dW else None   # (d_out, d_in); x, not X̃: W sees the whole input
@@ -694,7 +699,7 @@ def dora_linear_forward(x, W, b, A, B, m, scale, detach_norm=False, dropout_mask
     return y, DoRALinearCache(x, xd, H, Z, W, A, B, m, V, n, scale, bool(detach_norm), dropout_mask)
 
 
-def dora_linear_backward(dy, cache: DoRALinearCache, need_dW=False, need_db=False):
+def dora_linear_backward(dy, cache: DoRALinearCache, need_dW=False, need_db=False, need_dx=True):
     """Gradients of the DoRA layer, with ``G = dL/dY`` (..., d_out) and ``c = m / n``::
 
         dm_i = Σ_rows G_i Z_i / n_i                       (d_out,)  same in both variants
@@ -720,6 +725,7 @@ def dora_linear_backward(dy, cache: DoRALinearCache, need_dW=False, need_db=Fals
     ``need_db``, after ``unfreeze()``) it returns ``(dx, dA, dB, dm, dW, db)`` with
     ``dW = dL/dV = G̃ᵀ X + K`` (V = W + sBA depends on W with slope 1; no K when detached) and
     ``db = Σ_rows G`` (the bias is not rescaled), and None for the one not asked for.
+    ``need_dx=False`` returns None for dx and skips its GEMMs (nobody reads it).
     """
     x, xd, H, Z, W, A, B, m, V, n, scale, detach_norm, mask = cache
     s = _as_scalar(scale, dy.dtype)
@@ -734,11 +740,13 @@ def dora_linear_backward(dy, cache: DoRALinearCache, need_dW=False, need_db=Fals
     if K is not None:
         dB += s * (K @ A.T)                       # (d_out, d_in) @ (d_in, r) -> (d_out, r)
         dA += s * (B.T @ K)                       # (r, d_out) @ (d_out, d_in) -> (r, d_in)
-    d_branch = s * (GcB @ A)                      # (..., r) @ (r, d_in) -> (..., d_in)
-    if mask is not None:
-        d_branch *= mask.astype(dy.dtype, copy=False)
-    dx = Gc @ W                                   # (..., d_in)
-    dx += d_branch
+    dx = None
+    if need_dx:
+        d_branch = s * (GcB @ A)                  # (..., r) @ (r, d_in) -> (..., d_in)
+        if mask is not None:
+            d_branch *= mask.astype(dy.dtype, copy=False)
+        dx = Gc @ W                               # (..., d_in)
+        dx += d_branch
     if not (need_dW or need_db):
         return dx, dA, dB, dm
     dW = None

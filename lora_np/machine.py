@@ -8,7 +8,8 @@ Everything here is specific to an operating system or a C library, and none of i
   ``/proc/stat``), so a disturbed run can say so;
 * ``minor_faults``      — this process's minor page faults (``getrusage``, Unix);
 * ``keep_freed_memory`` — glibc's ``mallopt``: keep freed arrays in the process, as a training
-  loop with a caching allocator would. ``import lora_np`` never calls it.
+  loop with a caching allocator would. ``import lora_np`` never calls it; ``train.train`` does,
+  once per process, before its first step (``tune_allocator_for_training``).
 
 Each function degrades to "unknown" (None, 0 or a default) where its source is missing, so the
 benchmark still runs on macOS or Windows.
@@ -32,7 +33,7 @@ except ImportError:                     # pragma: no cover - Windows
     resource = None
 
 __all__ = ["machine_info", "MachineLoad", "minor_faults", "MALLOC_ENV", "malloc_env",
-           "keep_freed_memory", "allocator_setting", "KEEP_LIMIT"]
+           "keep_freed_memory", "tune_allocator_for_training", "allocator_setting", "KEEP_LIMIT"]
 
 
 def machine_info() -> dict:
@@ -140,6 +141,20 @@ def keep_freed_memory() -> str:
     if not ok:
         return "defaults (mallopt not available on this C library)"
     return f"keeps freed memory (mallopt trim and mmap thresholds {KEEP_LIMIT >> 20} MiB)"
+
+
+_TRAINING_ALLOCATOR: list[str] = []          # what tune_allocator_for_training did, once
+
+
+def tune_allocator_for_training() -> str:
+    """``keep_freed_memory`` once per process, for a training loop: ``lora_np.train.train``
+    calls it before its first step (``import lora_np`` does not), so that a training run does
+    not page-fault its arrays back in every step. Later calls return the first call's
+    description and do nothing. A process that wants glibc's defaults sets a ``MALLOC_*``
+    variable (which then rules) before it starts."""
+    if not _TRAINING_ALLOCATOR:
+        _TRAINING_ALLOCATOR.append(keep_freed_memory())
+    return _TRAINING_ALLOCATOR[0]
 
 
 def allocator_setting(mode: str) -> str:

@@ -21,6 +21,7 @@ import functools
 
 import numpy as np
 
+from . import fast
 from . import functional as F
 from .validate import check_bool, check_choice, check_dtype, check_int, check_number
 
@@ -88,6 +89,10 @@ def batched_mean_loss(model, x, y, loss_fn, batch_size: int) -> float:
     return total / len(x)
 
 
+def _fill_zero(a) -> None:
+    a.fill(0)
+
+
 class _Pass:
     """One top-level forward call. Every module that keeps a cache during it is tagged with
     it, so a second use of the same module within the same call is recognised as such."""
@@ -143,18 +148,21 @@ def _backward_entry(backward):
     """Wrap a subclass's ``backward``: refuse it without a pending forward (saying why there is
     none); after it returns, that forward is consumed."""
     @functools.wraps(backward)
-    def entry(self, dout):
+    def entry(self, dout, need_input_grad=True):
         if self.__dict__["_in_backward"]:   # a subclass's backward calling super().backward
             return backward(self, dout)
         if self.__dict__["_cache"] is None:
             raise ValueError(self._no_forward_message())
+        need_input_grad = check_bool("need_input_grad", need_input_grad)
         object.__setattr__(self, "_in_backward", True)
+        object.__setattr__(self, "_need_input_grad", need_input_grad)
         try:
             dx = backward(self, dout)
         finally:
             object.__setattr__(self, "_in_backward", False)
+            object.__setattr__(self, "_need_input_grad", True)
         self._release()
-        return dx
+        return dx if need_input_grad else None
     entry._lora_np_entry = True
     return entry
 
@@ -184,13 +192,20 @@ class Module:
       under ``no_grad()`` reuse is fine: nothing is cached.)
     * A forward that raises part-way leaves no pending cache in the modules whose children
       had already cached (they would not fit together): backward then asks for a new forward.
+    * ``backward(dout, need_input_grad=False)`` fills the parameters' gradients and returns
+      None: the input gradient nobody reads (a model's input, ``train_step``'s call) is not
+      computed where a module can skip it (``Linear`` skips its ``dX = G W`` GEMM; ``MLP``,
+      ``MultiHeadAttention``, ``TransformerBlock`` pass the flag to the layer that sees the
+      input). The parameters' gradients are the same either way.
 
     Subclasses write ``forward`` and ``backward`` as plain methods; ``Module`` wraps them
     (``__init_subclass__``) to apply the rule, so ``m.forward(x)`` and ``m(x)`` behave the
     same. Inside, ``forward`` calls ``self._store(cache, y.shape)`` (a module with nothing of
     its own to keep need not) and ``backward`` starts with
     ``cache, dout = self._check_backward(dout)``; ``self._release()`` frees the cache early
-    (the wrapper releases it in any case when backward returns).
+    (the wrapper releases it in any case when backward returns); ``self._input_grad_needed()``
+    says whether the caller asked for the input gradient (a backward that ignores it is
+    correct, only slower).
     """
 
     #: True for modules whose input is integer token ids (``Embedding``, ``LanguageModel``):
@@ -210,7 +225,8 @@ class Module:
         object.__setattr__(self, "_frozen", set())   # names of own frozen parameters
         object.__setattr__(self, "_children", {})    # name -> Module
         object.__setattr__(self, "training", True)
-        for name, value in (("_in_forward", False), ("_in_backward", False), ("_skipped", None)):
+        for name, value in (("_in_forward", False), ("_in_backward", False), ("_skipped", None),
+                            ("_need_input_grad", True)):
             object.__setattr__(self, name, value)
         self._forget("never")
 
@@ -273,7 +289,10 @@ class Module:
     def zero_grad(self) -> None:
         for _, m in self.named_modules():
             for g in m._grads.values():
-                g.fill(0)
+                if g.size >= fast.MIN_CHUNKED and g.flags.c_contiguous:
+                    fast.map_chunks(_fill_zero, g)       # a large gradient: on two threads
+                else:
+                    g.fill(0)
 
     def _accumulate(self, name: str, grad) -> None:
         if grad is not None and name in self._grads:
@@ -316,6 +335,16 @@ class Module:
 
     def backward(self, dout):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _input_grad_needed(self) -> bool:
+        """Inside ``backward``: False when the caller passed ``need_input_grad=False`` (the
+        returned input gradient is then discarded, so it need not be computed)."""
+        return self.__dict__.get("_need_input_grad", True)
+
+    def _has_trainable(self) -> bool:
+        """Whether any parameter of this module's tree is trainable (it then needs its output's
+        gradient in backward)."""
+        return any(m._grads for _, m in self.named_modules())
 
     def _records(self) -> bool:
         """Whether a forward now keeps a cache: training mode and outside ``no_grad()``."""
@@ -475,7 +504,8 @@ class Linear(Module):
         cache, dout = self._check_backward(dout)
         need_dW = "W" in self._grads             # frozen W: the dW GEMM is skipped entirely
         self._check_input_kept(cache.x, need_dW)
-        dx, dW, db = F.linear_backward(dout, cache, need_dW=need_dW, need_db="b" in self._grads)
+        dx, dW, db = F.linear_backward(dout, cache, need_dW=need_dW, need_db="b" in self._grads,
+                                       need_dx=self._input_grad_needed())
         self._accumulate("W", dW)
         self._accumulate("b", db)
         return dx
@@ -565,13 +595,13 @@ class LayerNorm(Module):
 
     def forward(self, x):
         x = self._check_input(x, self.d)
-        y, cache = F.layer_norm_forward(x, self.gamma, self.beta, self.eps)
+        y, cache = fast.layer_norm_forward(x, self.gamma, self.beta, self.eps)   # functional's, in place
         self._store(cache, y.shape)
         return y
 
     def backward(self, dout):
         cache, dout = self._check_backward(dout)
-        dx, dgamma, dbeta = F.layer_norm_backward(dout, cache)
+        dx, dgamma, dbeta = fast.layer_norm_backward(dout, cache)
         self._accumulate("gamma", dgamma)
         self._accumulate("beta", dbeta)
         return dx
@@ -595,7 +625,7 @@ class MLP(Module):
 
     def forward(self, x):
         x = self._check_input(x, self.d_in)
-        act_forward, _ = F.ACTIVATIONS[self.activation]
+        act_forward, _ = fast.activation(self.activation)      # functional's, slice by slice
         h, act_cache = act_forward(self.fc1(x))
         y = self.fc2(h)
         self._store(act_cache, y.shape)
@@ -603,11 +633,11 @@ class MLP(Module):
 
     def backward(self, dout):
         act_cache, dout = self._check_backward(dout)
-        _, act_backward = F.ACTIVATIONS[self.activation]
+        _, act_backward = fast.activation(self.activation)
         dh = act_backward(self.fc2.backward(dout), act_cache)
         self._release()                          # the activation's cache is used up: free it
         del act_cache                            # before fc1's backward allocates its gradients
-        return self.fc1.backward(dh)
+        return self.fc1.backward(dh, need_input_grad=self._input_grad_needed())
 
     def extra_repr(self):
         return f"activation={self.activation!r}"
@@ -666,6 +696,10 @@ class MultiHeadAttention(Module):
         dq, dk, dv = F.attention_backward(datt, cache)           # each (B, H, T, d_head)
         self._release()                          # q, k, v and P are used up: free them before
         del cache, datt                          # the projections' backward allocates more
+        if not self._input_grad_needed():        # the projections' weight gradients only
+            for proj, d in ((self.q_proj, dq), (self.k_proj, dk), (self.v_proj, dv)):
+                proj.backward(self._merge(d), need_input_grad=False)
+            return None
         dx = self.q_proj.backward(self._merge(dq))               # (B, T, C)
         dx += self.k_proj.backward(self._merge(dk))
         dx += self.v_proj.backward(self._merge(dv))
@@ -704,4 +738,10 @@ class TransformerBlock(Module):
     def backward(self, dout):
         _, dout = self._check_backward(dout)
         dh = dout + self.ln2.backward(self.mlp.backward(dout))   # residual: both paths
+        if not self._input_grad_needed() and not self.ln1._has_trainable():
+            # nobody reads dx, and ln1 has nothing to train: attention's input gradient, which
+            # only ln1's backward would read, is skipped, and ln1's forward is simply released
+            self.attn.backward(dh, need_input_grad=False)
+            self.ln1._release()
+            return None
         return dh + self.ln1.backward(self.attn.backward(dh))

@@ -17,6 +17,11 @@ sets the learning rate of each step (cosine decay by default:
 validation loss every ``eval_every`` steps, and measures the time per step. As soon as the
 loss stops being a finite number it stops with ``TrainingDiverged`` (a ValueError that names
 the step and carries the history recorded so far). ``verbose=True`` shows a progress bar.
+
+Before its first step ``train`` asks glibc to keep freed arrays in the process
+(``machine.tune_allocator_for_training``, once per process): otherwise every step would
+page-fault its large arrays back in. ``train_step`` asks for no input gradient
+(``backward(dY, need_input_grad=False)``): nothing reads dL/dX.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import functional as F
+from .machine import tune_allocator_for_training
 from .modules import Module, batched_mean_loss, make_rng
 from .optim import SGD, Adam, Optimizer
 from .validate import check_choice, check_float_array, check_int, check_number
@@ -135,7 +141,7 @@ def train_step(model: Module, optimizer: Optimizer, x: np.ndarray, y: np.ndarray
     with np.errstate(over="ignore", invalid="ignore"):
         loss, dY = loss_fn(model(x), y)
         if math.isfinite(loss):
-            model.backward(dY)
+            model.backward(dY, need_input_grad=False)   # dL/dx is read by nobody: not computed
             optimizer.step()
     return float(loss)
 
@@ -218,6 +224,7 @@ def train(model: Module, x: np.ndarray, y: np.ndarray, *, steps: int = 600, lr: 
     eval_every = max(1, steps // 20) if eval_every is None else check_int("eval_every", eval_every, minimum=1)
     lr, opt = _optimizer(model, optimizer, lr)
 
+    tune_allocator_for_training()      # glibc keeps freed arrays for the next step (lora_np.machine)
     history = TrainHistory(optimizer=opt)
     if has_val:
         history.val_history.append((0, evaluate(model, x_val, y_val, loss_fn, val_batch_size)))

@@ -15,7 +15,8 @@ import pytest
 from lora_np import Linear, LoRALinear
 from lora_np import bench, machine
 from lora_np.bench import BenchConfig, build, train_step
-from lora_np.counting import attention_step_flops, measured_total_state_bytes, mlp_step_flops
+from lora_np.counting import (attention_step_flops, input_grad_flops, measured_total_state_bytes,
+                              mlp_step_flops)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -25,10 +26,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------------------------
 
 def test_config_flops_match_the_model_functions():
-    assert BenchConfig("mlp", 64, "float32", 8, 128).flops() == mlp_step_flops(128, 64, 8)
+    # train_step asks for no input gradient, so the timed step's model leaves it out
+    assert BenchConfig("mlp", 64, "float32", 8, 128).flops() == (mlp_step_flops(128, 64, 8)
+                                                                 - input_grad_flops("mlp", 128, 64, 8))
     c = BenchConfig("attention", 128, "float64", None, 128)
     assert (c.batch, c.n_heads) == (2, 2)
-    assert c.flops() == attention_step_flops(2, 64, 128, 2)
+    assert c.flops() == attention_step_flops(2, 64, 128, 2) - input_grad_flops("attention", 128, 128)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +186,8 @@ def test_main_writes_table_and_plot(tmp_path, capsys):
     assert [(r.model, r.method) for r in rows] == [("mlp", "full"), ("mlp", "LoRA r=4"),
                                                    ("attention", "full"), ("attention", "LoRA r=4")]
     lora = rows[1]
-    assert lora.flop_ratio == pytest.approx(mlp_step_flops(64, 64, 4) / mlp_step_flops(64, 64))
+    assert lora.flop_ratio == pytest.approx(BenchConfig("mlp", 64, "float32", 4, 64).flops()
+                                            / BenchConfig("mlp", 64, "float32", None, 64).flops())
     assert lora.state_ratio == pytest.approx(lora.state_ratio_model)
     md = (tmp_path / "bench_results.md").read_text()
     assert "| block |" in md and "os.cpu_count()" in md
@@ -274,7 +278,7 @@ def test_target_summary_checks_the_three_targets():
     assert lora.time_vs_model == pytest.approx(1.0)           # 0.75 / 0.75
     text = bench.target_summary([full, lora])
     assert "t ratio/model 1.00 (≤ 1.1)" in text
-    assert "rate LoRA 80%, full 80% of matmul (both ≥ 70%)" in text
+    assert "rate LoRA 80%, full 80% of matmul (both ≥ 80%)" in text
     assert "off the byte model by 0.00% (≤ 5%)" in text
 
 
@@ -297,3 +301,45 @@ def test_interleaved_timings_times_each_function_in_bursts():
     assert len(medians) == len(faults) == 2 and all(m >= 0 for m in medians)
     # 1 sizing call + 2 rounds of (1 untimed + BURST - 1 = 2 timed) calls each
     assert bench.BURST == 3 and calls == {"a": 7, "b": 7}
+
+
+# ---------------------------------------------------------------------------------------------
+# --vs-torch: PyTorch is optional; without it the command says how to install it
+# ---------------------------------------------------------------------------------------------
+
+def test_vs_torch_without_torch_says_how_to_install_it(monkeypatch, capsys, figures):
+    monkeypatch.setattr(bench, "_import_torch", lambda: None)
+    assert bench.main(["--vs-torch"]) is None
+    out = capsys.readouterr().out
+    assert "PyTorch is not installed" in out and "pip install torch" in out
+    assert not figures.exists()                                      # nothing written
+
+
+def test_vs_torch_is_not_the_committed_run():
+    assert bench.parse_args(["--vs-torch"]).committed is False
+
+
+@pytest.mark.parametrize("case", bench.torch_cases(), ids=lambda c: c.label)
+def test_vs_torch_numpy_models_step_in_float32(case):
+    small = bench.TorchCase(case.kind, case.d if case.kind != "mlp" else 16, 64, case.rank)
+    model, opt, x, target, loss_fn = bench.build_numpy_case(small)
+    loss = train_step(model, opt, x, target, loss_fn)
+    assert np.isfinite(loss) and all(p.dtype == np.float32 for p in model.parameters().values())
+    assert (case.rank is None) == (not any(n.endswith(".A") for n in model.trainable_parameters()))
+
+
+def test_vs_torch_table_has_every_goal_row():
+    labels = [c.label for c in bench.torch_cases()]
+    assert len(labels) == 10 and len(set(labels)) == 10
+    rows = [bench.TorchRow(label, 2.0, 4.0) for label in labels]
+    table = bench.format_torch_table(rows)
+    assert table.count("0.50×") == 10 and "lora_np / PyTorch" in table
+
+
+def test_vs_torch_times_both_sides_when_torch_is_installed():
+    torch = pytest.importorskip("torch")
+    case = bench.TorchCase("mlp", 16, 64, 8)
+    step = bench.build_torch_case(case, torch)
+    assert np.isfinite(step())
+    rows = bench.run_vs_torch([case], repeats=2)
+    assert len(rows) == 1 and rows[0].numpy_ms > 0 and rows[0].torch_ms > 0

@@ -508,3 +508,15 @@ def test_measured_activations_count_a_window_view_as_itself():
     model(x[:2])
     got = counting.measured_activation_bytes(model)
     assert got["tok_emb"] < 1000 and sum(got.values()) < 50_000
+
+
+def test_input_grad_flops_are_the_skipped_dx_gemms():
+    from lora_np.counting import input_grad_flops, linear_step_flops, lora_linear_step_flops
+    N, d, r = 64, 32, 4
+    assert input_grad_flops("mlp", N, d) == 2 * N * d * d
+    assert input_grad_flops("mlp", N, d, r) == 2 * N * d * d + 2 * N * r * d + N * d
+    assert input_grad_flops("attention", N, d) == 3 * 2 * N * d * d + 2 * N * d
+    assert input_grad_flops("attention", N, d, r) == 3 * 2 * N * d * d + 2 * (2 * N * r * d + N * d) + 2 * N * d
+    # the dX GEMM is the difference between a frozen layer's step and its forward + nothing
+    assert linear_step_flops(N, d, d, trainable=False) - 2 * N * d * d == 2 * N * d * d + N * d
+    assert lora_linear_step_flops(N, d, d, r) > input_grad_flops("mlp", N, d, r)

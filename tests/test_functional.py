@@ -563,3 +563,124 @@ def test_lora_embedding_never_forms_B_times_A(rng):
     y, cache = F.lora_embedding_forward(ids, W, A, B, 1.5)
     F.lora_embedding_backward(rng.standard_normal(y.shape), cache, need_dW=True)
     np.testing.assert_array_equal(np.asarray(y), F.lora_embedding_forward(ids, W, A0, B0, 1.5)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast forms (lora_np.fast): the readable formulas slice by slice, bit for bit
+# ---------------------------------------------------------------------------------------------
+
+from lora_np import fast as _fast  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 7), (1031, 1031), (4, 64, 384)])
+def test_fast_gelu_is_bit_for_bit_the_readable_gelu(dtype, shape):
+    # (1031, 1031) is 8 slices and a ragged last one; (3, 7) goes straight to the readable form
+    rng = np.random.default_rng(3)
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    y_ref, c_ref = F.gelu_forward(x)
+    y, c = _fast.gelu_forward(x)
+    assert y.dtype == dtype and np.array_equal(y, y_ref) and np.array_equal(c.t, c_ref.t)
+    assert c.x is x
+    if x.size >= _fast.MIN_CHUNKED:
+        assert x.size > 4 * _fast.CHUNK                              # several slices, ragged end
+    dx = _fast.gelu_backward(dy, c)
+    assert dx.dtype == dtype and np.array_equal(dx, F.gelu_backward(dy, c_ref))
+
+
+def test_map_chunks_covers_every_element_once_on_several_threads():
+    n = 5 * _fast.CHUNK + 17
+    a = np.zeros(n)
+    seen = []
+
+    def kernel(s):
+        seen.append(s.size)
+        s += 1.0
+    _fast.map_chunks(kernel, a)
+    assert np.all(a == 1.0) and sum(seen) == n and len(seen) == 6
+
+
+def test_map_chunks_refuses_arrays_that_do_not_line_up():
+    with pytest.raises(ValueError, match="one size"):
+        _fast.map_chunks(lambda a, b: None, np.zeros(10), np.zeros(11))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _fast.map_chunks(lambda a: None, np.zeros((10, 10))[:, ::2])
+
+
+def test_fast_activation_keeps_a_replaced_entry():
+    assert _fast.activation("gelu") == (_fast.gelu_forward, _fast.gelu_backward)
+    assert _fast.activation("relu") == F.ACTIVATIONS["relu"]
+
+
+# ---------------------------------------------------------------------------------------------
+# need_dx=False: the input gradient nobody reads is skipped, nothing else changes
+# ---------------------------------------------------------------------------------------------
+
+def test_linear_backward_without_dx_gives_the_same_weight_gradients():
+    rng = np.random.default_rng(4)
+    x, W, b, G = (rng.standard_normal(s) for s in ((5, 3, 6), (4, 6), (4,), (5, 3, 4)))
+    _, cache = F.linear_forward(x, W, b)
+    dx, dW, db = F.linear_backward(G, cache)
+    none, dW2, db2 = F.linear_backward(G, cache, need_dx=False)
+    assert none is None and np.array_equal(dW, dW2) and np.array_equal(db, db2)
+
+
+@pytest.mark.parametrize("need_dW", [False, True])
+def test_lora_linear_backward_without_dx_gives_the_same_factor_gradients(need_dW):
+    rng = np.random.default_rng(5)
+    x, W, b = rng.standard_normal((7, 6)), rng.standard_normal((4, 6)), rng.standard_normal(4)
+    A, B, G = rng.standard_normal((2, 6)), rng.standard_normal((4, 2)), rng.standard_normal((7, 4))
+    mask = (rng.random((7, 6)) < 0.8) / 0.8
+    _, cache = F.lora_linear_forward(x, W, b, A, B, 1.7, mask)
+    ref = F.lora_linear_backward(G, cache, need_dW=need_dW, need_db=need_dW)
+    got = F.lora_linear_backward(G, cache, need_dW=need_dW, need_db=need_dW, need_dx=False)
+    assert got[0] is None and len(got) == len(ref)
+    for a, r in zip(got[1:], ref[1:]):
+        assert np.array_equal(a, r)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(5, 7), (2, 33, 96)])
+def test_fast_layer_norm_is_bit_for_bit_the_readable_layer_norm(dtype, shape):
+    rng = np.random.default_rng(8)
+    x = (2 + 3 * rng.standard_normal(shape)).astype(dtype)
+    gamma, beta = (rng.standard_normal(shape[-1]).astype(dtype) for _ in range(2))
+    dy = rng.standard_normal(shape).astype(dtype)
+    x0 = x.copy()
+    y_ref, c_ref = F.layer_norm_forward(x, gamma, beta)
+    y, c = _fast.layer_norm_forward(x, gamma, beta)
+    assert np.array_equal(x, x0)                                    # the input is not touched
+    assert y.dtype == dtype and np.array_equal(y, y_ref)
+    assert np.array_equal(c.xhat, c_ref.xhat) and np.array_equal(c.rstd, c_ref.rstd)
+    for got, ref in zip(_fast.layer_norm_backward(dy, c), F.layer_norm_backward(dy, c_ref)):
+        assert got.dtype == dtype and np.array_equal(got, ref)
+
+
+def test_dora_linear_backward_without_dx_gives_the_same_gradients():
+    rng = np.random.default_rng(9)
+    x, W, b = rng.standard_normal((7, 6)), rng.standard_normal((4, 6)), rng.standard_normal(4)
+    A, B, G = rng.standard_normal((2, 6)), rng.standard_normal((4, 2)), rng.standard_normal((7, 4))
+    m = rng.random(4) + 0.5
+    _, cache = F.dora_linear_forward(x, W, b, A, B, m, 1.3)
+    ref = F.dora_linear_backward(G, cache)
+    got = F.dora_linear_backward(G, cache, need_dx=False)
+    assert got[0] is None
+    for a, r in zip(got[1:], ref[1:]):
+        assert np.array_equal(a, r)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is Unix's")
+def test_fast_forms_work_in_a_forked_child():
+    """A child forked after the parent started the pool's threads gets a pool of its own
+    (multiprocessing's workers fork; a stale pool would wait forever)."""
+    import multiprocessing as mp
+    x = np.linspace(-3, 3, _fast.MIN_CHUNKED + 5)                  # sliced, on the pool
+    _fast.gelu_forward(x)                                           # the parent's pool exists
+    with mp.get_context("fork").Pool(1) as pool:
+        y = pool.apply_async(_fast_gelu_in_child, (x,)).get(timeout=60)
+    assert np.array_equal(y, F.gelu_forward(x)[0])
+
+
+def _fast_gelu_in_child(x):
+    return _fast.gelu_forward(x)[0]

@@ -15,6 +15,7 @@ PKG = ROOT / "lora_np"
 LAYERS = {
     "validate": 0,
     "functional": 1,
+    "fast": 1.5,                # functional's elementwise forms (and Adam's) run slice by slice, on threads
     "modules": 2,
     "peft": 2.5,                # PEFT's adapter folder (safetensors + JSON), read and written for lora.py
     "lora": 3, "optim": 3,

@@ -52,3 +52,12 @@ def test_allocator_default_changes_nothing(monkeypatch):
 def test_allocator_setting_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match=r"mode must be one of \('keep', 'default'\)"):
         machine.allocator_setting("jemalloc")
+
+
+def test_tune_allocator_for_training_runs_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(machine, "_TRAINING_ALLOCATOR", [])
+    monkeypatch.setattr(machine, "keep_freed_memory", lambda: calls.append(1) or "kept")
+    assert machine.tune_allocator_for_training() == "kept"
+    assert machine.tune_allocator_for_training() == "kept"
+    assert calls == [1]

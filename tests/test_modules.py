@@ -634,3 +634,50 @@ def test_unfreezing_between_forward_and_backward_is_refused():
 def test_train_mode_must_be_a_bool():
     with pytest.raises(TypeError, match="mode must be True or False, got 'eval'"):
         Linear(3, 2).train("eval")
+
+
+# ---------------------------------------------------------------------------------------------
+# backward(dout, need_input_grad=False): the same parameter gradients, no input gradient
+# ---------------------------------------------------------------------------------------------
+
+def _grads_with(model, x, dout, need_input_grad):
+    model.zero_grad()
+    model(x)
+    dx = model.backward(dout, need_input_grad=need_input_grad)
+    return dx, {k: g.copy() for k, g in model.gradients().items()}
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "attention", "block", "block-lora", "mlp-lora"])
+def test_backward_without_input_grad_gives_the_same_parameter_gradients(kind):
+    rng = np.random.default_rng(11)
+    d = 8
+    model = {"linear": lambda: Linear(d, d, rng=rng), "mlp": lambda: MLP(d, 16, d, rng=rng),
+             "mlp-lora": lambda: MLP(d, 16, d, rng=rng),
+             "attention": lambda: MultiHeadAttention(d, 2, causal=True, rng=rng),
+             "block": lambda: TransformerBlock(d, 2, 16, causal=True, rng=rng),
+             "block-lora": lambda: TransformerBlock(d, 2, 16, causal=True, rng=rng)}[kind]()
+    if kind.endswith("lora"):
+        add_lora(model, ["q_proj", "v_proj", "fc1", "fc2"] if kind == "block-lora" else ["fc1", "fc2"],
+                 r=2, alpha=3, rng=rng)
+        for name, p in model.parameters().items():
+            if name.endswith(".B"):
+                p[...] = rng.standard_normal(p.shape)
+    x = rng.standard_normal((2, 5, d))
+    dout = rng.standard_normal((2, 5, d))
+    dx, ref = _grads_with(model, x, dout, True)
+    none, got = _grads_with(model, x, dout, False)
+    assert dx is not None and dx.shape == x.shape and none is None
+    assert got.keys() == ref.keys() and ref
+    for name in ref:
+        assert np.array_equal(got[name], ref[name]), name
+        assert np.any(got[name] != 0) or name.endswith("k_proj.b"), name
+    with pytest.raises(ValueError, match="already consumed"):       # the rule still holds
+        model.backward(dout, need_input_grad=False)
+
+
+def test_need_input_grad_must_be_a_bool():
+    layer = Linear(3, 2)
+    layer(np.ones((1, 3)))
+    with pytest.raises(TypeError):
+        layer.backward(np.ones((1, 2)), need_input_grad="no")
+    assert layer.backward(np.ones((1, 2))).shape == (1, 3)             # the forward is still pending

@@ -260,3 +260,36 @@ def test_step_on_a_merged_model_raises_and_changes_nothing(rng):
     snap.assert_unchanged()
     unmerge_lora(mlp)
     np.testing.assert_allclose(mlp.fc1.W, W0, rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adam's fast form: the update slice by slice on threads (lora_np.fast) is bit for bit the
+# update applied to the whole arrays at once
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_sliced_update_is_bit_for_bit_the_whole_array_update(dtype):
+    from lora_np import fast
+    rng = np.random.default_rng(7)
+    big = MLP(300, 3500, 300, rng=rng, dtype=dtype)         # fc1.W, fc2.W: 1,050,000 numbers each
+    assert big.fc1.W.size >= fast.MIN_CHUNKED
+    twin = MLP(300, 3500, 300, rng=np.random.default_rng(7), dtype=dtype)
+    opts = [Adam(m, lr=3e-3, weight_decay=0.1, lr_multipliers={"fc2.W": 4.0}) for m in (big, twin)]
+
+    def whole_array_step(opt):                               # the readable update, no slicing
+        grads = opt._grads()
+        opt.t += 1
+        for name, p in opt.params.items():
+            opt._update(p, grads[name], opt.m[name], opt.v[name], lr=opt.lr * opt.multiplier(name))
+
+    for step in range(3):
+        for m in (big, twin):
+            for g in m.gradients().values():
+                g[...] = np.random.default_rng(step).standard_normal(g.shape).astype(dtype)
+        opts[0].step()
+        whole_array_step(opts[1])
+    for name, p in big.parameters().items():
+        assert p.dtype == dtype and np.array_equal(p, twin.parameters()[name]), name
+    for name in opts[0].m:
+        assert np.array_equal(opts[0].m[name], opts[1].m[name])
+        assert np.array_equal(opts[0].v[name], opts[1].v[name])

@@ -313,3 +313,28 @@ def test_generate_refuses_a_tokenizer_of_another_vocabulary():
 def test_lora_linear_targets_stay_linear():
     model = lora_tiny()
     assert isinstance(model.head, LoRALinear) and isinstance(model.blocks[1].attn.k_proj, LoRALinear)
+
+
+def test_lora_model_skips_the_first_blocks_input_gradient_with_the_same_gradients():
+    """Frozen embeddings read no gradient, so backward skips the first block's input gradient;
+    every LoRA gradient equals the one of a backward that computes it."""
+    rng = np.random.default_rng(12)
+    model = LanguageModel(11, d_model=8, n_heads=2, n_layers=2, d_hidden=16, context=6, rng=rng)
+    add_lora(model, ["q_proj", "v_proj", "fc1", "fc2"], r=2, alpha=3, rng=rng)
+    for name, p in model.parameters().items():
+        if name.endswith(".B"):
+            p[...] = rng.standard_normal(p.shape)
+    idx = rng.integers(0, 11, size=(3, 6))
+    dlogits = rng.standard_normal((3, 6, 11))
+    model.zero_grad()
+    model(idx)
+    assert model.backward(dlogits) is None
+    got = {k: g.copy() for k, g in model.gradients().items()}
+    model.zero_grad()
+    model(idx)                               # the same backward by hand, with every input gradient
+    dx = model.ln_f.backward(model.head.backward(dlogits))
+    for block in reversed(list(model.blocks)):
+        dx = block.backward(dx)
+    assert dx.shape == (3, 6, 8)
+    for name, g in model.gradients().items():
+        assert np.array_equal(got[name], g) and np.any(g != 0), name

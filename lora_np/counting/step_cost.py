@@ -22,7 +22,7 @@ from .params import MLP_TARGETS
 
 __all__ = ["ADAM_FLOPS_PER_PARAM", "GELU_FORWARD_FLOPS", "GELU_BACKWARD_FLOPS", "MSE_FLOPS",
            "SOFTMAX_FORWARD_FLOPS", "SOFTMAX_BACKWARD_FLOPS", "BENCH_BLOCKS", "BENCH_LORA_TARGETS",
-           "adam_flops", "linear_forward_flops", "lora_forward_flops", "linear_step_flops", "lora_linear_step_flops", "mlp_step_flops",
+           "BENCH_INPUT_LAYERS", "input_grad_flops", "adam_flops", "linear_forward_flops", "lora_forward_flops", "linear_step_flops", "lora_linear_step_flops", "mlp_step_flops",
            "attention_step_flops", "state_bytes_model"]
 
 #: Adam per trainable number: m ← β₁m + (1−β₁)g (3), v ← β₂v + (1−β₂)g² (4), √v (1),
@@ -127,6 +127,26 @@ def lora_linear_step_flops(N: int, d_in: int, d_out: int, r: int) -> int:
     frozen = 4 * N * d_in * d_out + N * d_out
     branch = 6 * N * r * (d_in + d_out) + 2 * N * r + N * d_out + N * d_in + r * d_out
     return frozen + branch + adam_flops(r * (d_in + d_out))
+
+
+#: the layers of each benchmarked block that read the block's input (their dX is the block's
+#: input gradient, which a step that asks for none — ``train_step`` — skips)
+BENCH_INPUT_LAYERS = {"mlp": ("fc1",), "attention": ("q_proj", "k_proj", "v_proj")}
+
+
+def input_grad_flops(block: str, N: int, d: int, r: int | None = None) -> int:
+    """FLOPs of a benchmarked block's input gradient, which ``backward(dout,
+    need_input_grad=False)`` (what ``train_step`` calls) does not compute: the ``dX = G W``
+    GEMM (2·N·d²) of every layer in ``BENCH_INPUT_LAYERS`` — with LoRA also its branch's
+    ``(s G B) A`` (2·N·r·d) and the sum (N·d) — plus, for attention, the 2·N·d of
+    ``dX = dX_q + dX_k + dX_v``."""
+    _sizes(N=N, d=d)
+    flops = 0
+    for name in BENCH_INPUT_LAYERS[block]:
+        flops += 2 * N * d * d
+        if r is not None and name in BENCH_LORA_TARGETS[block]:
+            flops += 2 * N * r * d + N * d
+    return flops + (2 * N * d if block == "attention" else 0)
 
 
 def _block_layers_flops(block: str, N: int, d: int, r: int | None) -> int:

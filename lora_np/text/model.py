@@ -112,8 +112,17 @@ class LanguageModel(Module):
     def backward(self, dout):
         _, dout = self._check_backward(dout)
         dx = self.ln_f.backward(self.head.backward(dout))   # (B, T, d)
-        for block in reversed(list(self.blocks)):
+        blocks = list(self.blocks)
+        for block in reversed(blocks[1:]):
             dx = block.backward(dx)
+        if not (self.tok_emb._has_trainable() or self.pos_emb._has_trainable()):
+            # frozen embeddings (LoRA on the blocks): nobody reads the first block's input
+            # gradient, so it is not computed, and the lookups' forwards are just released
+            blocks[0].backward(dx, need_input_grad=False)
+            self.pos_emb._release()
+            self.tok_emb._release()
+            return None
+        dx = blocks[0].backward(dx)
         self.pos_emb.backward(dx.sum(axis=0))          # (T, d): Σ over the batch, see docstring
         self.tok_emb.backward(dx)
         return None
