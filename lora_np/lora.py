@@ -251,7 +251,9 @@ class LoRALinear(_Adapter):
         # after unfreeze() W, b train too: their gradients are asked for, not left at 0
         need_dW, need_db = "W" in self._grads, "b" in self._grads
         self._check_input_kept(cache.x, need_dW)
-        dx, *grads = self._functional_backward(dout, cache, need_dW=need_dW, need_db=need_db)
+        # need_dx: the caller may not read dX (backward(dout, need_input_grad=False)): skip its GEMMs
+        dx, *grads = self._functional_backward(dout, cache, need_dW=need_dW, need_db=need_db,
+                                               need_dx=self._input_grad_needed())
         for name, grad in zip(self._grad_names, grads):
             self._accumulate(name, grad)
         return dx

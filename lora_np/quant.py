@@ -498,7 +498,8 @@ class QLoRALinear(_HoldsNF4, LoRALinear):
     def _functional_backward(self, dout, cache, **need):
         if need.get("need_dW"):
             raise ValueError("QLoRALinear: the NF4 base W cannot train")
-        return F.lora_linear_backward(dout, cache._replace(W=self.dequantized_weight()), **need)
+        W = self.dequantized_weight() if need.get("need_dx", True) else None   # deq(W) only for dX
+        return F.lora_linear_backward(dout, cache._replace(W=W), **need)
 
     @property
     def nbytes(self) -> int:

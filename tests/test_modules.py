@@ -681,3 +681,31 @@ def test_need_input_grad_must_be_a_bool():
     with pytest.raises(TypeError):
         layer.backward(np.ones((1, 2)), need_input_grad="no")
     assert layer.backward(np.ones((1, 2))).shape == (1, 3)             # the forward is still pending
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "qlora"])
+def test_lora_layer_backward_without_input_grad_skips_dx(kind, monkeypatch):
+    """A LoRA/DoRA/QLoRA layer asked for no input gradient returns None, gives the same A, B (m)
+    gradients bit for bit, and never calls the functional backward with need_dx=True."""
+    from lora_np import ModuleList, quant
+    rng = np.random.default_rng(5)
+    base = Linear(8, 6, rng=rng)
+    if kind == "qlora":
+        base = quant.QuantizedLinear.from_linear(base, block_size=16)
+    model = add_lora(ModuleList([base]), ["0"], r=2, alpha=3, use_dora=kind == "dora", rng=rng)
+    layer = model[0]
+    layer.B[...] = rng.standard_normal(layer.B.shape)
+    x, dout = rng.standard_normal((3, 4, 8)), rng.standard_normal((3, 4, 6))
+    layer.zero_grad(); layer(x); dx = layer.backward(dout)
+    ref = {k: g.copy() for k, g in layer.gradients().items()}
+    seen = []
+    name = "dora_linear_backward" if kind == "dora" else "lora_linear_backward"
+    real = getattr(F, name)
+    monkeypatch.setattr(F, name, lambda *a, **k: (seen.append(k.get("need_dx", True)), real(*a, **k))[1])
+    layer.zero_grad(); layer(x)
+    assert layer.backward(dout, need_input_grad=False) is None and dx.shape == x.shape
+    assert seen == [False]
+    got = layer.gradients()
+    assert got.keys() == ref.keys() and ref
+    for k in ref:
+        assert np.array_equal(got[k], ref[k]) and np.any(ref[k] != 0), k

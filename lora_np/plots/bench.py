@@ -14,7 +14,7 @@ from .style import log2_ticks, teaching_figure
 __all__ = ["plot_bench"]
 
 #: the fraction of plain np.matmul's rate a step should reach, drawn as a reference line
-MATMUL_TARGET_PERCENT = 70
+MATMUL_TARGET_PERCENT = 80
 
 
 def _per_width(axes, rows) -> None:
