@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lora_np import Linear, LoRALinear
+from lora_np.counting.memory import _arrays_in     # every ndarray inside a (nested) cache
 from lora_np import bench, machine
 from lora_np.bench import BenchConfig, build, train_step
 from lora_np.counting import (attention_step_flops, input_grad_flops, measured_total_state_bytes,
@@ -52,15 +53,6 @@ def test_state_bytes_model_is_exact(model, rank, dtype):
 # dtype in = dtype out, through a whole training step
 # ---------------------------------------------------------------------------------------------
 
-def _arrays_in(obj):
-    """Every ndarray inside nested tuples (NamedTuple caches) / lists."""
-    if isinstance(obj, np.ndarray):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _arrays_in(item)
-
-
 @pytest.mark.parametrize("model", ["mlp", "attention"])
 @pytest.mark.parametrize("rank", [None, 4])
 def test_float32_stays_float32_through_a_step(model, rank):
@@ -69,7 +61,7 @@ def test_float32_stays_float32_through_a_step(model, rank):
     train_step(m, opt, x, target)
     y = m(x)                                              # forward only: caches are now filled
     assert y.dtype == np.float32
-    cached = [a for _, mod in m.named_modules() for a in _arrays_in(mod.__dict__.get("_cache"))]
+X
     assert cached, "expected forward to leave caches"
     assert {a.dtype for a in cached if a.dtype.kind == "f"} == {np.dtype(np.float32)}
     dx = m.backward(np.ones_like(y))
