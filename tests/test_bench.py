@@ -61,7 +61,7 @@ def test_float32_stays_float32_through_a_step(model, rank):
     train_step(m, opt, x, target)
     y = m(x)                                              # forward only: caches are now filled
     assert y.dtype == np.float32
-X
+    cached = [a for _, mod in m.named_modules() for a in _arrays_in(mod.__dict__.get("_cache"))]
     assert cached, "expected forward to leave caches"
     assert {a.dtype for a in cached if a.dtype.kind == "f"} == {np.dtype(np.float32)}
     dx = m.backward(np.ones_like(y))
