@@ -78,23 +78,16 @@ class Timing(NamedTuple):
 def median_time(fn, repeats: int = 7, warmup: int = 1) -> Timing:
     """Call ``fn()`` ``warmup`` times untimed, then ``repeats`` times, each timed with
     ``time.perf_counter``; the median resists the odd slow call on a busy machine. Timings
-    depend on the machine and what else runs on it: print them, never assert them."""
+    depend on the machine and what else runs on it: print them, never assert them.
+    (``compare_times`` of one call.)"""
     if not callable(fn):
         raise TypeError(f"median_time: fn must be callable, got {type(fn).__name__}")
-    repeats = check_int("repeats", repeats, minimum=1)
-    warmup = check_int("warmup", warmup, minimum=0)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return Timing(statistics.median(times), tuple(times))
+    return compare_times({"fn": fn}, repeats, warmup)["fn"]
 
 
 def compare_times(fns: dict, repeats: int = 9, warmup: int = 1) -> dict:
-    """``median_time`` for several calls, interleaved: round t calls every ``fns[name]()`` once,
+    """The median wall time of several calls, interleaved: ``warmup`` untimed rounds, then
+    ``repeats`` timed ones; round t calls every ``fns[name]()`` once,
     in order, so a machine that slows down or speeds up part-way (another process, CPU
     frequency) shifts every call alike instead of the one that happened to run then. Returns
     name -> ``Timing``. Print the times and their ratios; never assert them."""
