@@ -635,7 +635,7 @@ def check_lora_linear(forward, backward=None, seed=0) -> GradeResult:
     Returns a ``GradeResult``. Raises TypeError if ``forward`` or ``backward`` is not callable.
     """
     spec = _Spec("check_lora_linear", ("dx", "dA", "dB"), {"dx": ("x",), "dA": ("A",), "dB": ("B",)},
-                 F.lora_linear_forward, lambda dy, c: F.lora_linear_backward(dy, c),
+                 F.lora_linear_forward, F.lora_linear_backward,
                  _linear_cases, _linear_big, _linear_candidates, _LINEAR_HINTS, _SHAPES_LINEAR,
                  "(d_out, d_in)")
     return _grade(spec, forward, backward, seed)
@@ -666,10 +666,6 @@ def _attention_big(rng):
     return _Case("large", _attention_args(rng, (1,), N, d, r, 2.0, False)), d * d
 
 
-def _softmax_backward_variant(dP, P, rowsum=True):
-    return P * (dP - (dP * P).sum(axis=-1, keepdims=True)) if rowsum else P * dP
-
-
 def _attention_candidates(case, dy, ref_y, g):
     c = lora_attention_forward(*case.args.values())[1]
     dO, (dq, dk, dv) = _attention_pieces(dy, c)
@@ -679,18 +675,17 @@ def _attention_candidates(case, dy, ref_y, g):
     p = c.params
     dx_frozen_qv = F.linear_forward(dq, p["Wq"].T)[0] + F.linear_forward(dv, p["Wv"].T)[0]
     out.append(("dx", dx_frozen_qv + dxk, "dx-no-lora"))
-    d = c.q.shape[-1]
-    cst = 1.0 / math.sqrt(d)
-    dP = dO @ np.swapaxes(c.v, -1, -2)
+    # the attention core's backward with one step wrong: (dS, the factor of dq and dk, dv)
+    dP = dO @ np.swapaxes(c.v, -1, -2)                     # dP = dO vᵀ
+    dS = F.softmax_backward(dP, F.SoftmaxCache(c.P, -1))   # dS = P ⊙ (dP − rowsum(dP ⊙ P))
+    inv_sqrt_d = 1.0 / math.sqrt(c.q.shape[-1])
     variants = {
-        "softmax-rowsum": (_softmax_backward_variant(dP, c.P, rowsum=False), True, True),
-        "no-sqrt-d": (_softmax_backward_variant(dP, c.P), False, True),
-        "dv-no-transpose": (_softmax_backward_variant(dP, c.P), True, False),
+        "softmax-rowsum": (c.P * dP, inv_sqrt_d, dv),      # dS = P ⊙ dP
+        "no-sqrt-d": (dS, 1.0, dv),                        # dq = dS k, dk = dSᵀ q
+        "dv-no-transpose": (dS, inv_sqrt_d, c.P @ dO),     # dv = P dO
     }
-    for key, (dS, with_c, transpose_P) in variants.items():
-        f = cst if with_c else 1.0
-        dq2, dk2 = (dS @ c.k) * f, (np.swapaxes(dS, -1, -2) @ c.q) * f
-        dv2 = (np.swapaxes(c.P, -1, -2) if transpose_P else c.P) @ dO
+    for key, (dS2, f, dv2) in variants.items():
+        dq2, dk2 = (dS2 @ c.k) * f, (np.swapaxes(dS2, -1, -2) @ c.q) * f
         (a, b_, cc), grads = _qv_backward(dq2, dk2, dv2, c)
         for name, val in zip(("dx", "dAq", "dBq", "dAv", "dBv"), (a + b_ + cc, *grads)):
             out.append((name, val, key))
@@ -788,7 +783,7 @@ def check_lora_embedding(forward, backward=None, seed=0) -> GradeResult:
     1.7}, random non-zero B, float64; one more at B = 0 (reported, not graded).
     """
     spec = _Spec("check_lora_embedding", ("dA", "dB"), {"dA": ("A",), "dB": ("B",)},
-                 F.lora_embedding_forward, lambda dy, c: F.lora_embedding_backward(dy, c),
+                 F.lora_embedding_forward, F.lora_embedding_backward,
                  _embedding_cases, _embedding_big, _embedding_candidates, _EMBEDDING_HINTS,
                  "Shapes: idx (...) ints, W (V, d), A (r, V), B (d, r); H = A[:, idx]ᵀ is (..., r).",
                  "(V, d)")
