@@ -98,8 +98,7 @@ def linear_step_flops(N: int, d_in: int, d_out: int, trainable: bool = True) -> 
     A frozen layer skips the ``dW`` GEMM, ``db`` and Adam: 4·N·d_in·d_out + N·d_out. ``dX`` is
     always counted: the block's input gradient is what a deeper network needs.
     """
-    _sizes(N=N, d_in=d_in, d_out=d_out)
-    flops = 2 * N * d_in * d_out + N * d_out + 2 * N * d_in * d_out
+    flops = linear_forward_flops(N, d_in, d_out) + 2 * N * d_in * d_out
     if trainable:
         flops += 2 * N * d_in * d_out + N * d_out + adam_flops(d_in * d_out + d_out)
     return flops
@@ -123,10 +122,9 @@ def lora_linear_step_flops(N: int, d_in: int, d_out: int, r: int) -> int:
     plus ``6·N·r·(d_in + d_out)`` for the low-rank branch, plus O(N·(d_in + d_out) + r·d_out).
     ``B @ A`` is never formed.
     """
-    _sizes(N=N, d_in=d_in, d_out=d_out, r=r)
-    frozen = 4 * N * d_in * d_out + N * d_out
-    branch = 6 * N * r * (d_in + d_out) + 2 * N * r + N * d_out + N * d_in + r * d_out
-    return frozen + branch + adam_flops(r * (d_in + d_out))
+    forward = lora_forward_flops(N, d_in, d_out, r)
+    backward = 4 * N * r * d_out + N * r + r * d_out + 4 * N * r * d_in + 2 * N * d_in * d_out + N * d_in
+    return forward + backward + adam_flops(r * (d_in + d_out))
 
 
 #: the layers of each benchmarked block that read the block's input (their dX is the block's
