@@ -58,7 +58,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import functional as F
-from .counting.params import ModelConfig, MODEL_CONFIGS, block_targets, target_shape
+from .counting.memory import _nbytes_once
+from .counting.params import ModelConfig, MODEL_CONFIGS, block_targets, lora_param_count, target_shape
 from .lora import LoRALinear, lora_scale, pissa_factors
 from .modules import Linear, Module
 from .validate import check_bool, check_int, check_number
@@ -221,10 +222,10 @@ def _blocks(flat: np.ndarray, block_size: int) -> np.ndarray:
 def quantize_constants(c, block_size: int = CONSTANT_BLOCK):
     """Double quantisation of the absmax constants ``c`` (n_blocks,) (QLoRA §3)::
 
-        μ = mean(c);   d = c − μ;   per block j of 256:  a_j = max |d_block|
-        q = round(127 · d / a_j) ∈ [−127, 127] (int8),   stored: q, a (float32), μ (float32)
+        μ = mean(c);   per block k of 256 constants:  a_k = max_{j ∈ k} |c_j − μ|
+        q_j = round(127 · (c_j − μ) / a_k) ∈ [−127, 127] (int8),   stored: q, a (float32), μ (float32)
 
-    (a block with a_j = 0 stores a_j = 0 and q = 0.) Returns ``(q, a, μ)``. Subtracting the mean
+    (notebook 09's notation; a block with a_k = 0 stores a_k = 0 and q = 0.) Returns ``(q, a, μ)``. Subtracting the mean
     first matters: the constants are all positive, so without it half of the 8-bit grid (the
     negative half) would go unused.
     """
@@ -239,7 +240,7 @@ def quantize_constants(c, block_size: int = CONSTANT_BLOCK):
 
 
 def dequantize_constants(q, a, mu, block_size: int = CONSTANT_BLOCK) -> np.ndarray:
-    """``c ≈ q · a_j / 127 + μ`` (n_blocks,) float32: ``quantize_constants`` undone."""
+    """``c_j ≈ q_j · a_k / 127 + μ`` (j in block k; (n_blocks,) float32): ``quantize_constants`` undone."""
     q = np.asarray(q)
     blocks = _blocks(q.astype(np.float64), block_size) * (np.asarray(a, dtype=np.float64)[:, None] / 127.0)
     return (blocks.ravel()[:q.size] + float(mu)).astype(np.float32)
@@ -644,21 +645,11 @@ def model_bytes(model: Module) -> dict:
         "total"      the sum
 
     (gradients and optimizer state are the training state: ``counting.measured_training_state_bytes``)."""
-    seen, nf4 = set(), 0
-    for _, m in model.named_modules():
-        q = getattr(m, "quantized", None) if isinstance(m, (QuantizedLinear, QLoRALinear)) else None
-        if q is not None:
-            for a in q.arrays().values():
-                if id(a) not in seen:
-                    seen.add(id(a))
-                    nf4 += a.nbytes
     trainable = model.trainable_parameters()
-    out = {"nf4": nf4, "frozen": 0, "trainable": 0}
-    for name, p in model.parameters().items():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        out["trainable" if name in trainable else "frozen"] += p.nbytes
+    shared = {id(p) for p in trainable.values()}
+    frozen = {n: p for n, p in model.parameters().items() if n not in trainable and id(p) not in shared}
+    out = {"nf4": _nbytes_once(m.quantized.arrays() for _, m in model.named_modules() if isinstance(m, _HoldsNF4)),
+           "frozen": _nbytes_once([frozen]), "trainable": _nbytes_once([trainable])}
     out["total"] = sum(out.values())
     return out
 
@@ -785,7 +776,7 @@ def qlora_memory(model: str = "llama-65b", r: int = 64, block_size: int = 64, do
     r = check_int("r", r, minimum=1)
     bits = nf4_bits_per_parameter(block_size, double_quant)
     n_lin, n_other = m.block_linear_params(), m.other_params()
-    lora = m.config.n_layers * sum(r * sum(target_shape(m.config, t)) for t in block_targets(m.config))
+    lora = lora_param_count(m.config, block_targets(m.config), r)
     return QLoRAMemory(
         name=model, n_params=n_lin + n_other, lora_params=lora,
         base_16bit=2 * (n_lin + n_other),
