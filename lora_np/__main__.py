@@ -66,14 +66,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lora_np",
         description="Fine-tune a small pretrained model on a task whose true weight change ΔW* has "
-                    "rank k, with full fine-tuning and with LoRA at every rank; print the results "
+                    "rank r*, with full fine-tuning and with LoRA at every rank; print the results "
                     "table and the claims it shows (exit 1 if one fails), and write the figures. --task text "
                     "runs the same comparison on real text.")
     p.add_argument("--ranks", type=_ranks, default=None,
                    help=f"comma-separated LoRA ranks (default {','.join(map(str, DEFAULT_RANKS))}; "
                         f"--quick: {','.join(map(str, QUICK_RANKS))}); at most 64")
     p.add_argument("--true-rank", type=int, default=DEFAULT_TRUE_RANK,
-                   help=f"rank k of the true change ΔW* (default {DEFAULT_TRUE_RANK})")
+                   help=f"rank r* of the true change ΔW* (default {DEFAULT_TRUE_RANK})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seed of the task, the data and the training (default {DEFAULT_SEED})")
     p.add_argument("--out", default=None,

@@ -1,4 +1,4 @@
-"""Full fine-tuning against LoRA at every rank, on a task whose true update ΔW* has rank k.
+"""Full fine-tuning against LoRA at every rank, on a task whose true update ΔW* has rank r* (``k`` in the code).
 
 ``rank_sweep`` (MLP task) and ``attention_sweep`` (one attention layer) build a task
 (``lora_np.tasks``), fine-tune a fresh copy of its pretrained model once with every parameter

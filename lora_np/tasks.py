@@ -1,4 +1,5 @@
-"""Synthetic fine-tuning tasks whose true weight change ΔW* has a known rank k.
+"""Synthetic fine-tuning tasks whose true weight change ΔW* has a known rank r*
+(``true_rank``; ``k`` in the code).
 
 The story every experiment tells (notebook 04 teaches it)::
 

@@ -1,5 +1,5 @@
 """Figures of a rank sweep (``lora_np.experiments``): full fine-tuning against LoRA at every
-rank, on one task whose true change ΔW* has rank k. ``python -m lora_np`` calls
+rank, on one task whose true change ΔW* has rank r* (``k`` here). ``python -m lora_np`` calls
 ``save_figures``; notebooks 04–06 draw the same figures one at a time.
 """
 
@@ -37,7 +37,7 @@ def _rank_colors(ranks) -> dict:
 
 
 def _rank_axis(ax, ranks, k) -> None:
-    """Rank on a log₂ axis with plain tick labels, and the true rank k as a dotted red line."""
+    """Rank on a log₂ axis with plain tick labels, and the true rank r* (``k``) as a dotted red line."""
     log2_ticks(ax, ranks)
     ax.axvline(k, color="C3", ls=":", lw=2, label=f"true rank r* = {k}")
 
