@@ -386,7 +386,7 @@ def _grade(spec: _Spec, forward, backward, seed) -> GradeResult:
                     continue
                 shape = None if a is None else a.shape
                 fail(s, case, f"shape {shape}, expected {ref.shape}")
-                hint(f"shape-{s}", _shape_hint(s, shape, ref.shape, refs, args))
+                hint(f"shape-{s}", _shape_hint(s, shape, ref.shape, refs))
                 hinted.add(s)
                 continue
             if s == "y":
@@ -422,7 +422,7 @@ def _grade(spec: _Spec, forward, backward, seed) -> GradeResult:
     # right only at B = 0
     for s in slots:
         if not stats[s]["close"] and zero_close[s] and s != "y" and s not in hinted:
-            hint(f"zeroB-{s}", spec.hints.get(f"zeroB-{s}", spec.hints["zeroB"]).format(g=s))
+            hint(f"zeroB-{s}", spec.hints["zeroB"].format(g=s))
 
     rows = [GradeRow("y (forward)" if s == "y" else s, stats[s]["exact"], stats[s]["close"], stats[s]["max"],
                      stats[s]["close"], stats[s]["note"]) for s in slots]
@@ -489,7 +489,7 @@ def _generic_hint(key, g):
     raise KeyError(key)
 
 
-def _shape_hint(slot, got, want, refs, args):
+def _shape_hint(slot, got, want, refs):
     if got is None:
         return f"{slot} is None; expected an array of shape {want}."
     if len(got) == 2 and tuple(got) == tuple(want)[::-1]:
