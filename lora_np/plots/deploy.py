@@ -18,16 +18,20 @@ MEMORY_TERMS = (("weights", "weights (frozen + trainable)"), ("gradients", "grad
                 ("activations", "activations"))
 
 
+def _check_rows(name: str, value, kind: type, made_by: str) -> None:
+    """``value`` must be a non-empty dict of label -> ``kind`` (what ``made_by`` returns)."""
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{name} must be a non-empty dict of label -> {kind.__name__}")
+    for label, v in value.items():
+        if not isinstance(v, kind):
+            raise TypeError(f"{name}[{label!r}] must be a {kind.__name__} ({made_by}), got {type(v).__name__}")
+
+
 def plot_round_trips(curves: dict, path=None) -> Figure:
     """Left: ‖W_n − W₀‖_F after n merge/unmerge round trips, one line per entry of ``curves``
     (label -> ``RoundTrips``), with each one's one-ulp size ‖spacing(W₀)‖_F dotted in the same
     colour; right: the same errors in those ulps, with a √n guide. Both axes logarithmic."""
-    if not isinstance(curves, dict) or not curves:
-        raise ValueError("curves must be a non-empty dict of label -> RoundTrips")
-    for label, rt in curves.items():
-        if not isinstance(rt, RoundTrips):
-            raise TypeError(f"curves[{label!r}] must be a RoundTrips (deploy.round_trip_errors), "
-                            f"got {type(rt).__name__}")
+    _check_rows("curves", curves, RoundTrips, "deploy.round_trip_errors")
     with teaching_figure(1, 2, figsize=(15, 5.8), path=path,
                          title="Merge, unmerge, repeat: what rounding does to $W$") as (fig, (ax1, ax2)):
         n_max = 1
@@ -70,12 +74,7 @@ def plot_training_memory(rows: dict, path=None, unit: float = 1e9, unit_name: st
     segment per term (``MEMORY_TERMS``), the total written at the end of each bar, in
     ``unit_name`` (bytes / ``unit``) on a linear axis. ``marks``: optional label -> bytes, each
     drawn as a labelled vertical dashed line (a published number to compare with)."""
-    if not isinstance(rows, dict) or not rows:
-        raise ValueError("rows must be a non-empty dict of label -> TrainingMemory")
-    for label, m in rows.items():
-        if not isinstance(m, TrainingMemory):
-            raise TypeError(f"rows[{label!r}] must be a TrainingMemory (counting.training_memory), "
-                            f"got {type(m).__name__}")
+    _check_rows("rows", rows, TrainingMemory, "counting.training_memory")
     labels = list(rows)
     y = np.arange(len(labels))[::-1]
     with teaching_figure(1, 1, figsize=(13, 1.2 * len(labels) + 2.2), path=path, title=title) as (fig, (ax,)):
