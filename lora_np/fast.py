@@ -118,14 +118,13 @@ def gelu_forward(x):
 def gelu_backward(dy, cache: F.GeluCache):
     """``functional.gelu_backward`` slice by slice: the same ``dx``, bit for bit."""
     x, t = cache
-    arrays = (np.ascontiguousarray(dy), x, t)
     if dy.size < MIN_CHUNKED or not all(a.flags.c_contiguous for a in (x, t)) or dy.shape != x.shape:
         return F.gelu_backward(dy, cache)
     dx = np.empty_like(x, dtype=np.result_type(dy, x))
 
     def kernel(dys, xs, ts, dxs):
         dxs[...] = F.gelu_backward(dys, F.GeluCache(xs, ts))
-    map_chunks(kernel, *arrays, dx)
+    map_chunks(kernel, np.ascontiguousarray(dy), x, t, dx)
     return dx
 
 
