@@ -198,7 +198,7 @@ def grade(path, source=None, hidden=True, timeout=120) -> list[CellGrade]:
         if cell.get("id") in tests:
             ref_src = tests[cell.id].source
             cell.source = _with_hidden_tests(ref_src) if hidden else build_notebook(
-                nbformat.v4.new_notebook(cells=[copy.deepcopy(tests[cell.id])])).cells[0].source
+                nbformat.v4.new_notebook(cells=[tests[cell.id]])).cells[0].source
     client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()
