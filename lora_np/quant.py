@@ -365,6 +365,12 @@ class _HoldsNF4:
         """``deq(W)`` (d_out, d_in) of the frozen base, in the layer's dtype (a new array)."""
         return dequantize_nf4(self.quantized, dtype=self.dtype)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes this layer holds: the NF4 arrays plus its parameters (the bias; QLoRA's A and B),
+        not gradients or optimizer state."""
+        return self.quantized.nbytes + sum(p.nbytes for p in self.parameters().values())
+
 
 class QuantizedLinear(_HoldsNF4, Linear):
     """A frozen linear layer whose W is stored in NF4: ``Y = X deq(W)ᵀ + b``.
@@ -414,11 +420,6 @@ class QuantizedLinear(_HoldsNF4, Linear):
     def to_linear(self) -> Linear:
         """A plain float ``Linear`` with W = deq(W) and this bias (copies)."""
         return _float_linear(self.dequantized_weight(), self.bias, self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this layer holds: the NF4 arrays plus the bias."""
-        return self.quantized.nbytes + (self.bias.nbytes if self.bias is not None else 0)
 
     def forward(self, x):
         x = self._check_input(x, self.d_in)
@@ -501,12 +502,6 @@ class QLoRALinear(_HoldsNF4, LoRALinear):
             raise ValueError("QLoRALinear: the NF4 base W cannot train")
         W = self.dequantized_weight() if need.get("need_dx", True) else None   # deq(W) only for dX
         return F.lora_linear_backward(dout, cache._replace(W=W), **need)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this layer holds: NF4 arrays, bias, A and B (not gradients or optimizer state)."""
-        return (self.quantized.nbytes + (self.bias.nbytes if self.bias is not None else 0)
-                + self.A.nbytes + self.B.nbytes)
 
     # --- merging: explicit, never silently wrong --------------------------------------
     def _merged(self):
@@ -685,16 +680,16 @@ def loftq_factors(W, r: int, scale: float, iterations: int = 5, block_size: int 
     iterations = check_int("iterations", iterations, minimum=1)
     W64 = W.astype(np.float64)
     dtype = W.dtype if W.dtype != np.float16 else np.float32
-    q = quantize_nf4(W, block_size, double_quant)
-    errors = [relative_error(W64, dequantize_nf4(q, dtype=np.float64))]
-    low_rank = np.zeros_like(W64)
+    q = quantize_nf4(W, block_size, double_quant)                  # Q_1 = quant(W)
+    deq = dequantize_nf4(q, dtype=np.float64)
+    errors = [relative_error(W64, deq)]                            # t = 0: NF4 alone
     for t in range(iterations):
         if t > 0:
             q = quantize_nf4((W64 - low_rank).astype(W.dtype), block_size, double_quant)
-        residual = W64 - dequantize_nf4(q, dtype=np.float64)
-        A, B = pissa_factors(residual, r, scale)                 # s B A = residual's best rank-r part
+            deq = dequantize_nf4(q, dtype=np.float64)
+        A, B = pissa_factors(W64 - deq, r, scale)                  # s B A = the residual's best rank-r part
         low_rank = F.lora_delta_weight(A, B, scale)
-        errors.append(relative_error(W64, dequantize_nf4(q, dtype=np.float64) + low_rank))
+        errors.append(relative_error(W64, deq + low_rank))
     return LoftQ(q, A.astype(dtype), B.astype(dtype), errors)
 
 
