@@ -221,11 +221,11 @@ _ADAPTER_DEFAULTS = dict(r=4, alpha=4.0, rslora=False, init="kaiming", detach_no
 
 
 def applied_weight(layer) -> np.ndarray:
-    """(d_out, d_in) the weight ``layer`` applies: W (full), W + s B A (LoRA, PiSSA's residual
-    included) or DoRA's ``diag(m/n)(W + s B A)``."""
+    """(d_out, d_in) the weight ``layer`` applies: W (full, or a merged adapter), W + s B A
+    (LoRA, PiSSA's residual included) or DoRA's ``diag(m/n)(W + s B A)``."""
     if isinstance(layer, DoRALinear):
         return layer.effective_weight()
-    if isinstance(layer, LoRALinear):
+    if isinstance(layer, LoRALinear) and not layer.merged:
         return layer.W + layer.delta_weight()
     return layer.W.copy()
 

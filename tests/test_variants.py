@@ -249,6 +249,16 @@ def test_adapter_spec_builds_each_kind_on_w0():
         np.testing.assert_allclose(V.applied_weight(layer), task.W0, atol=1e-14)
 
 
+def test_applied_weight_of_a_merged_adapter_is_its_W():
+    task = V.make_task(d=8, n=16, seed=0)
+    layer = V.AdapterSpec("lora", 2, 4.0).build(task.W0, 3)
+    layer.B[...] = np.random.default_rng(0).standard_normal(layer.B.shape)
+    unmerged = V.applied_weight(layer)
+    layer.merge()                                        # W holds W₀ + s B A: added once, not twice
+    np.testing.assert_allclose(V.applied_weight(layer), unmerged, atol=1e-14)
+    assert not np.allclose(unmerged, task.W0)
+
+
 def test_fit_shapes_and_checkpoints_do_not_change_the_run():
     task = V.make_task(d=8, n=16, shift_rank=2, seed=0)
     spec = V.AdapterSpec("dora", 2, 4.0)
