@@ -778,11 +778,7 @@ def load_adapter(model: Module, path) -> Module:
                 raise ValueError(f"load_adapter: layer {p!r} was saved with init={saved[p].get('init')!r}, "
                                  f"the model has init={want.get('init')!r}; a PiSSA adapter applies only "
                                  "to the residual weight of a layer built with init='pissa'")
-            got, expect = want["W_res_norm"], saved[p].get("W_res_norm")
-            if not isinstance(expect, (int, float)) or abs(got - expect) > 1e-6 * max(abs(expect), 1e-30):
-                raise ValueError(f"load_adapter: layer {p!r}: the PiSSA adapter was trained on a residual "
-                                 f"weight with ‖W_res‖_F = {expect!r}, this model's is {got!r}; build the "
-                                 "model from the same base weights and r, alpha, rslora")
+            _peft.check_residual_norm(p, saved[p].get("W_res_norm"), want["W_res_norm"])
         for name in m.adapter_names:
             key = f"{p}.{name}"
             target = getattr(m, name)

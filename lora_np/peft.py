@@ -472,8 +472,15 @@ def _check_pissa(config, metadata, path, want):
         except (json.JSONDecodeError, AttributeError):
             saved = None
         got = want.get("W_res_norm")
-        if isinstance(saved, (int, float)) and got is not None \
-                and abs(got - saved) > 1e-6 * max(abs(saved), 1e-30):
-            raise ValueError(f"load_adapter: layer {path!r}: the PiSSA adapter was trained on a residual "
-                             f"weight with ‖W_res‖_F = {saved!r}, this model's is {got!r}; build the "
-                             "model from the same base weights and r, alpha, rslora")
+        if isinstance(saved, (int, float)) and got is not None:    # PEFT's own folders record none
+            check_residual_norm(path, saved, got)
+
+
+def check_residual_norm(path: str, saved, got: float) -> None:
+    """Refuse a PiSSA adapter trained on another residual weight: ``saved`` is the ‖W_res‖_F it
+    recorded (a number, else refused), ``got`` the layer's; they must agree to 1e-6 (relative).
+    ``lora.load_adapter`` uses it for an ``.npz`` adapter too."""
+    if not isinstance(saved, (int, float)) or abs(got - saved) > 1e-6 * max(abs(saved), 1e-30):
+        raise ValueError(f"load_adapter: layer {path!r}: the PiSSA adapter was trained on a residual "
+                         f"weight with ‖W_res‖_F = {saved!r}, this model's is {got!r}; build the "
+                         "model from the same base weights and r, alpha, rslora")
