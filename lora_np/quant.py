@@ -83,7 +83,7 @@ GB = 1e9
 def nf4_code_values(offset: float = NF4_OFFSET) -> np.ndarray:
     """The 16 NF4 values, ascending, in float64: bitsandbytes' ``create_normal_map``.
 
-    With Φ⁻¹ the standard normal quantile function::
+    With Φ⁻¹ the standard normal quantile function and ``offset`` notebook 09's δ::
 
         positive = Φ⁻¹(p) for the 8 points p = linspace(offset, 1/2, 9) without its last (1/2)
         negative = −Φ⁻¹(p) for the 7 points p = linspace(offset, 1/2, 8) without its last
@@ -304,7 +304,7 @@ def absmax_constants(q: NF4Tensor) -> np.ndarray:
 
 
 def dequantize_nf4(q: NF4Tensor, dtype=None) -> np.ndarray:
-    """``W ≈ NF4[code] · c_block``, in W's shape and dtype (or ``dtype``): a new array.
+    """``Ŵ_i = NF4[code_i] · c_b`` (entry i in block b), in W's shape and dtype (or ``dtype``): a new array.
 
     Computed in float32 for a float16/float32 W (as bitsandbytes computes it) and in float64
     for a float64 W, then cast."""
