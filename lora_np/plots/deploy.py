@@ -35,22 +35,21 @@ def plot_round_trips(curves: dict, path=None) -> Figure:
     with teaching_figure(1, 2, figsize=(15, 5.8), path=path,
                          title="Merge, unmerge, repeat: what rounding does to $W$") as (fig, (ax1, ax2)):
         n_max = 1
-        ulps_drawn, ulp_labels = set(), []
+        ulp_colors = {}                          # each distinct one-ulp size, dotted once: -> its colour
         for i, (label, rt) in enumerate(curves.items()):
             n = np.arange(1, len(rt.errors) + 1)
             n_max = max(n_max, n[-1])
             ls = "-" if i % 2 == 0 else "--"
             ax1.plot(n, rt.errors, color=f"C{i // 2}", ls=ls, label=label)
             ax2.plot(n, rt.errors / rt.ulp, color=f"C{i // 2}", ls=ls, label=label)
-            if round(rt.ulp, 30) not in ulps_drawn:
-                ulps_drawn.add(round(rt.ulp, 30))
+            if rt.ulp not in ulp_colors:
+                ulp_colors[rt.ulp] = f"C{i // 2}"
                 ax1.axhline(rt.ulp, color=f"C{i // 2}", ls=":", lw=1.8)
-                ulp_labels.append((rt.ulp, f"C{i // 2}"))
         guide = np.arange(1, n_max + 1)
         top = max(rt.errors[-1] / rt.ulp for rt in curves.values())     # the guide ends on the highest curve
         ax2.plot(guide, top * np.sqrt(guide / guide[-1]), color="gray", ls=":", lw=2.5,
                  label=r"$\propto\sqrt{n}$")
-        for ulp, color in ulp_labels:            # at the right end, below the line: clear of the curves
+        for ulp, color in ulp_colors.items():            # at the right end, below the line: clear of the curves
             ax1.text(n_max, ulp / 1.4, r"one ulp per entry, $\|\mathrm{spacing}(W_0)\|_F$", color=color,
                      fontsize=11, ha="right", va="top")
         ax2.axhline(1.0, color="black", ls=":", lw=1.5)
