@@ -42,7 +42,7 @@ Experiments (papers cited where the claim comes from):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -217,7 +217,8 @@ class AdapterSpec:
         return LoRALinear(base, self.r, self.alpha, **kw)
 
 
-_ADAPTER_DEFAULTS = dict(r=4, alpha=4.0, rslora=False, init="kaiming", detach_norm=False, lr_ratio=1.0)
+#: every setting but ``kind`` at its default: what ``kind="full"`` must leave alone
+_ADAPTER_DEFAULTS = {f.name: f.default for f in fields(AdapterSpec) if f.name != "kind"}
 
 
 def applied_weight(layer) -> np.ndarray:
