@@ -19,8 +19,8 @@ and float64). Only the memory traffic and the number of threads change.
   applied slice by slice; ``activation(name)`` is what ``modules.MLP`` calls;
 * ``optim.Adam`` calls ``map_chunks`` with its own update formula;
 * ``layer_norm_forward`` / ``layer_norm_backward`` — ``functional``'s layer norm with its
-  temporaries reused in place (fewer arrays allocated and passed over: 5 instead of 7 in the
-  forward, 5 instead of 9 in the backward), the same operations in the same order per element.
+  temporaries reused in place (fewer full-size arrays allocated and passed over; each function's
+  docstring says which), the same operations in the same order per element.
 
 Small arrays (below ``MIN_CHUNKED`` elements) go straight to the readable function: splitting
 them would only add Python overhead.
